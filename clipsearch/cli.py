@@ -1,0 +1,169 @@
+"""The `clipsearch` command: `serve`, `search`, `stats`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from clipsearch.settings import load_settings
+
+_HOW_TO_QUERY = """\
+clipsearch is ready on {address}  (model {model}, {docs} documents in {shards} shards, \
+ready in {secs:.1f} s)
+
+Try it:
+  clipsearch search "a red circle" --server {address}
+  grpcurl -plaintext {address} list
+  grpcurl -plaintext -d '{{"text": "a red circle", "top_k": 5}}' \\
+      {address} clipsearch.v1.SearchService/Search
+  python -c "import clipsearch; print(clipsearch.Client('{address}').search('a red circle').ids)"
+
+Ctrl-C stops it.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(2)
+    args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipsearch", description="Cross-modal search server.")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the embedded server (Ray, encoder, shards, gateway)")
+    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.add_argument("--model", help="hub id, local directory, or 'demo' (default)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 50051; 0 = any free)")
+    serve.add_argument("--shards", type=int, help="number of shard actors (default 2)")
+    serve.add_argument("--demo-corpus", type=int, help="demo documents to load (0 = none)")
+    serve.set_defaults(run=_serve)
+    search = sub.add_parser("search", help="search a running server and print a table")
+    search.add_argument("text", nargs="?", help="query text")
+    search.add_argument("--image", type=Path, help="query with an image file instead")
+    search.add_argument("--target", choices=("image", "text"), default="image")
+    search.add_argument("-k", "--top-k", type=int, default=10)
+    search.add_argument("--decay", type=float, default=0.0, help="recency decay per day")
+    search.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--server", default="127.0.0.1:50051")
+    search.set_defaults(run=_search)
+    stats = sub.add_parser("stats", help="print model, index and shard counts")
+    stats.add_argument("--server", default="127.0.0.1:50051")
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    overrides: dict = {}
+    for key, group, value in (
+        ("model", "encoder", args.model),
+        ("host", "gateway", args.host),
+        ("port", "gateway", args.port),
+        ("shards", "index", args.shards),
+    ):
+        if value is not None:
+            overrides.setdefault(group, {})[key] = value
+    if args.demo_corpus is not None:
+        overrides["demo_corpus"] = args.demo_corpus
+    settings = load_settings(args.config, **overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("clipsearch.access").setLevel(logging.WARNING)
+    asyncio.run(_serve_until_signal(settings))
+
+
+async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.launcher import init_ray, start_stack
+
+    started = time.perf_counter()
+    init_ray(settings)
+    stack = await start_stack(settings)
+    stats = await stack.coordinator.stats()
+    print(
+        _HOW_TO_QUERY.format(
+            address=stack.address,
+            model=stack.coordinator.encoder.model_id,
+            docs=sum(s.documents for s in stats),
+            shards=len(stats),
+            secs=time.perf_counter() - started,
+        ),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down", flush=True)
+    await stack.stop()
+    import ray
+
+    ray.shutdown()
+
+
+def _search(args: argparse.Namespace) -> None:
+    from clipsearch.client import Client
+
+    if (args.text is None) == (args.image is None):
+        sys.exit("give a query text or --image FILE (one of them)")
+    where = dict(pair.split("=", 1) for pair in args.where)
+    with Client(args.server) as client:
+        try:
+            result = client.search(
+                args.text,
+                image=args.image.read_bytes() if args.image else None,
+                target=args.target,
+                top_k=args.top_k,
+                where=where,
+                decay_per_day=args.decay,
+            )
+        except grpc.RpcError as exc:
+            sys.exit(f"{exc.code().name}: {exc.details()}")
+    print(format_table(result))
+
+
+def format_table(result) -> str:  # type: ignore[no-untyped-def]
+    """Hits as an aligned text table."""
+    rows = [("#", "id", "score", "similarity", "decay", "published", "caption")]
+    for n, h in enumerate(result.hits, 1):
+        rows.append((
+            str(n), h.id, f"{h.score:.4f}", f"{h.similarity:.4f}", f"{h.decay:.3f}",
+            h.publish_time.strftime("%Y-%m-%d %H:%M"), h.caption[:60],
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    footer = (
+        f"{len(result.hits)} hits, {result.candidates_examined} candidates examined, "
+        f"{result.shards_answered}/{result.shards_total} shards, {result.timings_ms['total']:.1f} ms"
+    )
+    return "\n".join([*lines, footer])
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from clipsearch.client import Client
+
+    with Client(args.server) as client:
+        try:
+            s = client.stats()
+        except grpc.RpcError as exc:
+            sys.exit(f"{exc.code().name}: {exc.details()}")
+    print(f"model {s.model_id}  dimension {s.dimension}  index {s.index_type}")
+    for shard in s.shards:
+        print(f"  shard {shard.shard}: {shard.documents} documents "
+              f"({shard.image_vectors} image, {shard.text_vectors} text vectors)")
+    print(f"total {s.total_documents} documents")
+
+
+if __name__ == "__main__":
+    main()

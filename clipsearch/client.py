@@ -1,0 +1,235 @@
+"""`clipsearch.Client`: a typed, synchronous Python client over the generated stubs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipsearch.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
+
+TimeLike = datetime | float | int
+_TARGETS = {"image": common_pb2.MODALITY_IMAGE, "text": common_pb2.MODALITY_TEXT}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result."""
+
+    id: str
+    similarity: float
+    decay: float
+    score: float
+    publish_time: datetime
+    metadata: dict[str, str]
+    caption: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """Hits, best first, with how the server found them."""
+
+    hits: list[Hit]
+    candidates_examined: int
+    shards_answered: int
+    shards_total: int
+    reference_time: datetime
+    timings_ms: dict[str, float]
+
+    @property
+    def ids(self) -> list[str]:
+        """The hit ids in rank order."""
+        return [h.id for h in self.hits]
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A document to upsert: give image and/or text, or precomputed vectors."""
+
+    id: str
+    image: bytes | None = None
+    text: str | None = None
+    image_vector: Sequence[float] | np.ndarray | None = None
+    text_vector: Sequence[float] | np.ndarray | None = None
+    publish_time: TimeLike | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    caption: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """A document as the server holds it."""
+
+    id: str
+    publish_time: datetime
+    metadata: dict[str, str]
+    caption: str
+    has_image: bool
+    has_text: bool
+
+
+class Client:
+    """Talks to a clipsearch gateway. Errors surface as `grpc.RpcError` with a status code.
+
+    Args:
+        target: host:port of the gateway.
+        timeout: deadline in seconds for each call.
+        metadata: extra call metadata (e.g. an authorization header).
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 30.0,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        self._search = search_pb2_grpc.SearchServiceStub(self._channel)
+        self._encoder = encoder_pb2_grpc.EncoderServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._kw = {"timeout": timeout, "metadata": tuple(metadata)}
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        image: bytes | None = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        target: str = "image",
+        top_k: int = 10,
+        where: Mapping[str, str] | None = None,
+        published_after: TimeLike | None = None,
+        published_before: TimeLike | None = None,
+        decay_per_day: float = 0.0,
+        reference_time: TimeLike | None = None,
+    ) -> SearchResult:
+        """Nearest documents to one query (text, image bytes or vector) in `target` space."""
+        req = search_pb2.SearchRequest(top_k=top_k, target=_TARGETS[target])
+        if text is not None:
+            req.text = text
+        if image is not None:
+            req.image = image
+        if vector is not None:
+            req.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
+        if where or published_after is not None or published_before is not None:
+            req.filter.metadata_equals.update(where or {})
+            if published_after is not None:
+                req.filter.publish_time.start.CopyFrom(to_timestamp(published_after))
+            if published_before is not None:
+                req.filter.publish_time.end.CopyFrom(to_timestamp(published_before))
+        if decay_per_day or reference_time is not None:
+            req.recency.decay_per_day = decay_per_day
+            if reference_time is not None:
+                req.recency.reference_time.CopyFrom(to_timestamp(reference_time))
+        return _search_result(self._search.Search(req, **self._kw))
+
+    def upsert(self, documents: Iterable[Document]) -> int:
+        """Insert or replace documents; returns how many were written."""
+        req = search_pb2.UpsertRequest(documents=[to_upsert_document(d) for d in documents])
+        return int(self._search.Upsert(req, **self._kw).upserted)
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Delete by id (idempotent); returns how many existed."""
+        return int(self._search.Delete(search_pb2.DeleteRequest(ids=list(ids)), **self._kw).deleted)
+
+    def get(self, ids: Iterable[str], *, allow_missing: bool = False) -> list[StoredDocument]:
+        """Stored documents by id; unknown ids raise NOT_FOUND unless allow_missing."""
+        req = search_pb2.GetRequest(ids=list(ids), allow_missing=allow_missing)
+        return [_stored(d) for d in self._search.Get(req, **self._kw).documents]
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) L2-normalised embeddings of texts."""
+        resp = self._encoder.EncodeText(encoder_pb2.EncodeTextRequest(texts=list(texts)), **self._kw)
+        return _matrix(resp.embeddings)
+
+    def encode_image(self, images: Sequence[bytes]) -> np.ndarray:
+        """(n, dim) L2-normalised embeddings of encoded images."""
+        req = encoder_pb2.EncodeImageRequest(images=list(images))
+        return _matrix(self._encoder.EncodeImage(req, **self._kw).embeddings)
+
+    def stats(self) -> admin_pb2.StatsResponse:
+        """Model, index type and per-shard counts."""
+        return self._admin.Stats(admin_pb2.StatsRequest(), **self._kw)
+
+
+def to_timestamp(value: TimeLike) -> Timestamp:
+    """A protobuf Timestamp from a datetime (naive = UTC) or POSIX seconds."""
+    seconds = value.replace(tzinfo=value.tzinfo or UTC).timestamp() if isinstance(value, datetime) else float(value)
+    whole = math.floor(seconds)
+    return Timestamp(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+
+
+def _datetime(ts: Timestamp) -> datetime:
+    return datetime.fromtimestamp(ts.seconds + ts.nanos * 1e-9, tz=UTC)
+
+
+def _matrix(vectors: Sequence[common_pb2.Vector]) -> np.ndarray:
+    return np.asarray([list(v.values) for v in vectors], dtype=np.float32)
+
+
+def to_upsert_document(doc: Document) -> search_pb2.UpsertDocument:
+    """A client Document as its protobuf message."""
+    out = search_pb2.UpsertDocument(id=doc.id, metadata=dict(doc.metadata), caption=doc.caption)
+    if doc.image is not None:
+        out.image = doc.image
+    if doc.text is not None:
+        out.text = doc.text
+    if doc.image_vector is not None:
+        out.image_vector.values.extend(np.asarray(doc.image_vector, dtype=np.float32).tolist())
+    if doc.text_vector is not None:
+        out.text_vector.values.extend(np.asarray(doc.text_vector, dtype=np.float32).tolist())
+    if doc.publish_time is not None:
+        out.publish_time.CopyFrom(to_timestamp(doc.publish_time))
+    return out
+
+
+def _search_result(resp: search_pb2.SearchResponse) -> SearchResult:
+    hits = [
+        Hit(h.id, h.similarity, h.decay, h.score, _datetime(h.publish_time), dict(h.metadata), h.caption)
+        for h in resp.hits
+    ]
+    t = resp.timings
+    return SearchResult(
+        hits=hits,
+        candidates_examined=resp.candidates_examined,
+        shards_answered=resp.shards_answered,
+        shards_total=resp.shards_total,
+        reference_time=_datetime(resp.recency.reference_time),
+        timings_ms={"encode": t.encode_ms, "search": t.search_ms, "merge": t.merge_ms, "total": t.total_ms},
+    )
+
+
+def _stored(d: common_pb2.Document) -> StoredDocument:
+    return StoredDocument(
+        d.id, _datetime(d.publish_time), dict(d.metadata), d.caption, d.has_image, d.has_text
+    )

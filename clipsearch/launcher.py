@@ -1,0 +1,108 @@
+"""The local launcher: composes a Ray runtime, the encoder deployment, the shard actors and
+the gateway into one running stack (what `clipsearch serve` runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from clipsearch.settings import Settings
+
+log = logging.getLogger("clipsearch.launcher")
+
+ENCODER_APP = "clipsearch-encoder"
+SHARD_PREFIX = "clipsearch-shard"
+
+
+@dataclass
+class Stack:
+    """A running clipsearch: the gateway plus the Ray handles behind it."""
+
+    settings: Settings
+    port: int
+    server: Any
+    health: Any
+    coordinator: Any
+    shard_actors: list[Any]
+
+    @property
+    def address(self) -> str:
+        """host:port clients connect to."""
+        return f"{self.settings.gateway.host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Drain the gateway, then remove the encoder app and the shard actors."""
+        import ray
+        from ray import serve
+
+        from gateway.server import drain
+
+        await drain(self.server, self.health, self.settings.gateway.grace_s)
+        await asyncio.to_thread(serve.delete, ENCODER_APP)
+        for actor in self.shard_actors:
+            ray.kill(actor)
+
+
+def init_ray(settings: Settings) -> None:
+    """Start an embedded Ray runtime (no dashboard) unless one is already running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    temp_dir = tempfile.mkdtemp(prefix="csray-", dir="/tmp")  # short: unix socket path limit
+    ray.init(
+        include_dashboard=False,
+        address="local",
+        namespace="clipsearch",
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+
+
+async def start_stack(settings: Settings) -> Stack:
+    """Start encoder, shards and gateway on the current Ray runtime; load the demo corpus."""
+    from ray import serve
+
+    from encoder_service.deployment import build_encoder_app
+    from gateway.backends import RayEncoder, RayShard
+    from gateway.coordinator import Coordinator
+    from gateway.server import create_server
+    from index_service.actor import start_shards
+
+    serve.start(proxy_location="Disabled")
+    app = build_encoder_app(settings.encoder, settings.limits)
+    handle = await asyncio.to_thread(serve.run, app, name=ENCODER_APP, route_prefix=None)
+    info = await handle.info.remote()
+    actors = await asyncio.to_thread(
+        start_shards, settings.index.shards, info["dim"], settings.index.factory, SHARD_PREFIX
+    )
+    coordinator = Coordinator(
+        RayEncoder(handle, info["model_id"], info["dim"]),
+        [RayShard(a, i) for i, a in enumerate(actors)],
+    )
+    server, port, health = await create_server(coordinator, settings)
+    stack = Stack(settings, port, server, health, coordinator, actors)
+    if settings.demo_corpus:
+        await load_demo_corpus(stack, settings.demo_corpus)
+    return stack
+
+
+async def load_demo_corpus(stack: Stack, n: int, batch: int = 64) -> int:
+    """Write `n` generated demo documents through the normal validation and write path."""
+    from clipsearch.client import to_upsert_document
+    from clipsearch.demo.corpus import demo_documents
+    from clipsearch.v1 import search_pb2
+    from gateway.convert import Validator
+
+    validator = Validator(stack.settings.limits, stack.coordinator.encoder.dim)
+    docs = list(demo_documents(n, now=time.time()))
+    for start in range(0, len(docs), batch):
+        req = search_pb2.UpsertRequest(documents=[to_upsert_document(d) for d in docs[start : start + batch]])
+        await stack.coordinator.upsert(validator.upsert_items(req, now=time.time()))
+    log.info("loaded %d demo documents", len(docs))
+    return len(docs)

@@ -1,0 +1,122 @@
+"""The one typed settings object: defaults < YAML file < environment (CLIPSEARCH_*).
+
+Nested groups use a double underscore in the environment, e.g.
+`CLIPSEARCH_ENCODER__MAX_BATCH_SIZE=16` or `CLIPSEARCH_INDEX__SHARDS=4`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL = "demo"
+"""Model name that resolves to the bundled demo model directory."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncoderSettings(_Group):
+    """The Ray Serve encoder deployment."""
+
+    model: str = Field(DEMO_MODEL, description="Hub id, local directory, or 'demo' (bundled).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the model sees.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="How long a batch waits to fill before it runs."
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests one replica accepts at once. Must be >= max_batch_size, or "
+        "batches can never fill (Ray Serve's default of 5 would cap them at 5).",
+    )
+    replicas: int = Field(1, ge=1, description="Encoder replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica.")
+
+
+class IndexSettings(_Group):
+    """The Faiss shard actors."""
+
+    shards: int = Field(2, ge=1, le=256, description="Number of shard actors.")
+    factory: str = Field("Flat", description="Faiss index factory string, inner-product metric.")
+
+
+class LimitSettings(_Group):
+    """Request limits enforced at the gateway (documented in the protos)."""
+
+    max_top_k: int = Field(1000, ge=1)
+    max_text_bytes: int = Field(4096, ge=1)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(25_000_000, ge=1)
+    max_id_bytes: int = Field(256, ge=1)
+    max_metadata_entries: int = Field(32, ge=0)
+    max_metadata_key_bytes: int = Field(64, ge=1)
+    max_metadata_value_bytes: int = Field(256, ge=0)
+    max_filter_entries: int = Field(16, ge=0)
+    max_upsert_documents: int = Field(256, ge=1)
+    max_ids_per_call: int = Field(1024, ge=1)
+    max_encode_items: int = Field(64, ge=1)
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+class GatewaySettings(_Group):
+    """The gRPC gateway."""
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    default_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline for calls whose client set none."
+    )
+    grace_s: float = Field(5.0, ge=0, description="How long shutdown waits for in-flight calls.")
+
+
+class Settings(BaseSettings):
+    """Everything clipsearch can be told, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLIPSEARCH_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_dir: Path = Field(Path("clipsearch-data"), description="Where state is kept.")
+    demo_corpus: int = Field(
+        600, ge=0, description="Generated demo documents loaded at start when the index is empty."
+    )
+    encoder: EncoderSettings = EncoderSettings()
+    index: IndexSettings = IndexSettings()
+    limits: LimitSettings = LimitSettings()
+    gateway: GatewaySettings = GatewaySettings()
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment and explicit overrides.
+
+    Precedence (highest first): overrides, environment, YAML file, defaults.
+    """
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path.name}: the top level must be a mapping")
+        file_values = loaded
+    env = Settings()
+    merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
+    return Settings.model_validate(_deep_merge(merged, overrides))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,89 @@
+"""Domain types passed between the gateway and the services (never protobuf).
+
+Times are POSIX seconds (float64); vectors are float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Modality(enum.StrEnum):
+    """The embedding space a vector lives in."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class DocRecord:
+    """What a shard stores about a document besides its vectors."""
+
+    id: str
+    publish_time: float
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    caption: str = ""
+    has_image: bool = False
+    has_text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DocWrite:
+    """A document ready to be stored: vectors already encoded and normalised."""
+
+    record: DocRecord
+    image_vector: np.ndarray | None = None
+    text_vector: np.ndarray | None = None
+
+    def vector(self, modality: Modality) -> np.ndarray | None:
+        """The vector of one modality, or None."""
+        return self.image_vector if modality is Modality.IMAGE else self.text_vector
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """Conditions a document must meet; empty means no restriction."""
+
+    metadata_equals: tuple[tuple[str, str], ...] = ()
+    time_start: float | None = None
+    time_end: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the filter lets every document through."""
+        return not self.metadata_equals and self.time_start is None and self.time_end is None
+
+    def matches(self, record: DocRecord) -> bool:
+        """Whether one document passes (the reference semantics shards must implement)."""
+        if any(record.metadata.get(k) != v for k, v in self.metadata_equals):
+            return False
+        if self.time_start is not None and record.publish_time < self.time_start:
+            return False
+        return self.time_end is None or record.publish_time < self.time_end
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHits:
+    """One shard's answer: candidates by descending similarity.
+
+    `exhausted` is True when the shard holds no further matching candidate beyond these,
+    so asking it for more would return nothing new.
+    """
+
+    similarities: np.ndarray
+    records: tuple[DocRecord, ...]
+    exhausted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStats:
+    """Counts one shard reports."""
+
+    shard: int
+    documents: int
+    image_vectors: int
+    text_vectors: int

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the clipsearch.v1 API (do not edit; `make proto`)."""

@@ -1,0 +1,1 @@
+"""The grpc.aio gateway: validation, fan-out, merge, recency re-rank, status mapping."""

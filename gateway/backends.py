@@ -1,0 +1,111 @@
+"""What the gateway needs from the encoder and the shards, and the Ray implementations.
+
+The coordinator only sees these protocols, so tests can run it over in-process engines and
+the server over Ray handles without either knowing model or Faiss code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from ray import exceptions as ray_errors
+
+from clipsearch.errors import ClipsearchError, Unavailable
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+
+T = TypeVar("T")
+
+
+class EncoderBackend(Protocol):
+    """Turns raw inputs into L2-normalised float32 vectors."""
+
+    model_id: str
+    dim: int
+
+    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    async def encode_images(self, images: Sequence[bytes]) -> np.ndarray: ...
+
+
+class ShardBackend(Protocol):
+    """One shard, reached asynchronously."""
+
+    async def search(
+        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+    ) -> ShardHits: ...
+
+    async def upsert(self, writes: Sequence[DocWrite]) -> int: ...
+
+    async def delete(self, doc_ids: Sequence[str]) -> int: ...
+
+    async def get(self, doc_ids: Sequence[str]) -> list[DocRecord | None]: ...
+
+    async def stats(self) -> ShardStats: ...
+
+
+async def call_remote(awaitable: Awaitable[T], what: str) -> T:
+    """Await a Ray call, turning Ray's failures into domain errors.
+
+    A domain error raised remotely arrives wrapped in RayTaskError, which Ray makes an
+    instance of the original class as well; its `cause` is the original exception.
+    """
+    try:
+        return await awaitable
+    except ray_errors.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if isinstance(cause, ClipsearchError):
+            raise type(cause)(str(cause)) from exc
+        raise
+    except (ray_errors.RayActorError, ray_errors.ActorUnavailableError) as exc:
+        raise Unavailable(f"{what} is unavailable; retry shortly") from exc
+
+
+class RayEncoder:
+    """The encoder Serve deployment behind a DeploymentHandle; one call per item so the
+    deployment's batcher can group items from many callers."""
+
+    def __init__(self, handle: Any, model_id: str, dim: int) -> None:
+        self._handle = handle
+        self.model_id = model_id
+        self.dim = dim
+
+    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        calls = [call_remote(self._handle.encode_text.remote(t), "the encoder") for t in texts]
+        return self._stack(await asyncio.gather(*calls))
+
+    async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
+        calls = [call_remote(self._handle.encode_image.remote(b), "the encoder") for b in images]
+        return self._stack(await asyncio.gather(*calls))
+
+    def _stack(self, vectors: list[np.ndarray]) -> np.ndarray:
+        if not vectors:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack(vectors).astype(np.float32, copy=False)
+
+
+class RayShard:
+    """A `ShardActor` behind its ActorHandle."""
+
+    def __init__(self, actor: Any, shard_id: int) -> None:
+        self._actor = actor
+        self._what = f"shard {shard_id}"
+
+    async def search(
+        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+    ) -> ShardHits:
+        return await call_remote(self._actor.search.remote(modality, query, k, flt), self._what)
+
+    async def upsert(self, writes: Sequence[DocWrite]) -> int:
+        return await call_remote(self._actor.upsert.remote(list(writes)), self._what)
+
+    async def delete(self, doc_ids: Sequence[str]) -> int:
+        return await call_remote(self._actor.delete.remote(list(doc_ids)), self._what)
+
+    async def get(self, doc_ids: Sequence[str]) -> list[DocRecord | None]:
+        return await call_remote(self._actor.get.remote(list(doc_ids)), self._what)
+
+    async def stats(self) -> ShardStats:
+        return await call_remote(self._actor.stats.remote(), self._what)

@@ -1,0 +1,249 @@
+"""Protobuf <-> domain conversion with validation: the only place that reads request fields.
+
+Every check raises InvalidArgument naming the field and the limit, so a caller can fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipsearch.errors import InvalidArgument
+from clipsearch.settings import LimitSettings
+from clipsearch.types import DocRecord, Modality, SearchFilter
+from clipsearch.v1 import common_pb2, search_pb2
+from gateway.coordinator import SearchOutcome, SearchQuery, UpsertItem
+
+_MODALITY = {
+    common_pb2.MODALITY_UNSPECIFIED: Modality.IMAGE,
+    common_pb2.MODALITY_IMAGE: Modality.IMAGE,
+    common_pb2.MODALITY_TEXT: Modality.TEXT,
+}
+
+
+class Validator:
+    """Checks requests against the configured limits and the model's dimension."""
+
+    def __init__(self, limits: LimitSettings, dim: int) -> None:
+        self.limits = limits
+        self.dim = dim
+
+    def search_query(self, req: search_pb2.SearchRequest) -> SearchQuery:
+        """A SearchRequest as a validated SearchQuery."""
+        kind = req.WhichOneof("query")
+        if kind is None:
+            raise InvalidArgument("query: set exactly one of text, image or vector")
+        top_k = self._top_k(req.top_k)
+        alpha, ref = self._recency(req)
+        target = _MODALITY.get(req.target)
+        if target is None:
+            raise InvalidArgument(f"target: unknown modality {req.target}")
+        flt = self._filter(req.filter) if req.HasField("filter") else None
+        common = dict(target=target, top_k=top_k, flt=flt, alpha=alpha, reference_time=ref)
+        if kind == "text":
+            return SearchQuery(text=self.text(req.text, "text"), **common)  # type: ignore[arg-type]
+        if kind == "image":
+            return SearchQuery(image=self.image(req.image, "image"), **common)  # type: ignore[arg-type]
+        return SearchQuery(vector=self.vector(req.vector, "vector"), **common)  # type: ignore[arg-type]
+
+    def upsert_items(self, req: search_pb2.UpsertRequest, now: float) -> list[UpsertItem]:
+        """Validated documents of an UpsertRequest (ids distinct)."""
+        docs = req.documents
+        self._count(len(docs), self.limits.max_upsert_documents, "documents")
+        items = [self._upsert_item(d, f"documents[{n}]", now) for n, d in enumerate(docs)]
+        self._distinct([i.record.id for i in items], "documents")
+        return items
+
+    def ids(self, ids: list[str] | object, field: str = "ids") -> list[str]:
+        """A validated list of document ids."""
+        id_list = list(ids)  # type: ignore[call-overload]
+        self._count(len(id_list), self.limits.max_ids_per_call, field)
+        return [self.doc_id(i, f"{field}[{n}]") for n, i in enumerate(id_list)]
+
+    def doc_id(self, doc_id: str, field: str) -> str:
+        """One document id: non-empty, at most max_id_bytes of UTF-8."""
+        size = len(doc_id.encode("utf-8"))
+        if size == 0 or size > self.limits.max_id_bytes:
+            raise InvalidArgument(f"{field}: id must be 1 to {self.limits.max_id_bytes} bytes")
+        return doc_id
+
+    def text(self, text: str, field: str) -> str:
+        """Text within the byte limit and not blank."""
+        if len(text.encode("utf-8")) > self.limits.max_text_bytes:
+            raise InvalidArgument(f"{field}: over the limit of {self.limits.max_text_bytes} bytes")
+        if not text.strip():
+            raise InvalidArgument(f"{field}: must not be empty or only whitespace")
+        return text
+
+    def image(self, data: bytes, field: str) -> bytes:
+        """Image bytes within the byte limit (decoding is checked by the encoder)."""
+        if not data:
+            raise InvalidArgument(f"{field}: image bytes are empty")
+        if len(data) > self.limits.max_image_bytes:
+            raise InvalidArgument(
+                f"{field}: image is {len(data)} bytes, over the limit of "
+                f"{self.limits.max_image_bytes}"
+            )
+        return data
+
+    def vector(self, vec: common_pb2.Vector, field: str) -> np.ndarray:
+        """A finite, non-zero vector of the model's dimension, L2-normalised."""
+        arr = np.asarray(vec.values, dtype=np.float32)
+        if arr.shape[0] != self.dim:
+            raise InvalidArgument(
+                f"{field}: has dimension {arr.shape[0]}, the model's is {self.dim}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise InvalidArgument(f"{field}: contains NaN or infinity")
+        norm = float(np.linalg.norm(arr.astype(np.float64)))
+        if norm == 0.0 or not math.isfinite(norm):
+            raise InvalidArgument(f"{field}: must be non-zero")
+        return (arr / norm).astype(np.float32)
+
+    def encode_batch(self, n: int, field: str) -> None:
+        """An Encode* batch size within 1..max_encode_items."""
+        self._count(n, self.limits.max_encode_items, field)
+
+    def _top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise InvalidArgument(f"top_k: must be 1 to {self.limits.max_top_k}, got {top_k}")
+        return top_k
+
+    def _recency(self, req: search_pb2.SearchRequest) -> tuple[float, float]:
+        alpha = req.recency.decay_per_day
+        if not math.isfinite(alpha) or alpha < 0:
+            raise InvalidArgument("recency.decay_per_day: must be finite and >= 0")
+        if req.recency.HasField("reference_time"):
+            return alpha, _seconds(req.recency.reference_time)
+        return alpha, time.time()
+
+    def _filter(self, flt: search_pb2.Filter) -> SearchFilter:
+        pairs = dict(flt.metadata_equals)
+        self._count(len(pairs), self.limits.max_filter_entries, "filter.metadata_equals", 0)
+        self._metadata(pairs, "filter.metadata_equals")
+        rng = flt.publish_time
+        start = _seconds(rng.start) if rng.HasField("start") else None
+        end = _seconds(rng.end) if rng.HasField("end") else None
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument("filter.publish_time: end is before start")
+        return SearchFilter(tuple(sorted(pairs.items())), start, end)
+
+    def _upsert_item(self, doc: search_pb2.UpsertDocument, field: str, now: float) -> UpsertItem:
+        doc_id = self.doc_id(doc.id, f"{field}.id")
+        self._count(len(doc.metadata), self.limits.max_metadata_entries, f"{field}.metadata", 0)
+        metadata = self._metadata(dict(doc.metadata), f"{field}.metadata")
+        image = self.image(doc.image, f"{field}.image") if doc.image else None
+        text = self.text(doc.text, f"{field}.text") if doc.text else None
+        image_vec = self._opt_vector(doc, "image_vector", field)
+        text_vec = self._opt_vector(doc, "text_vector", field)
+        if image is not None and image_vec is not None:
+            raise InvalidArgument(f"{field}: give image or image_vector, not both")
+        if text is not None and text_vec is not None:
+            raise InvalidArgument(f"{field}: give text or text_vector, not both")
+        if image is None and image_vec is None and text is None and text_vec is None:
+            raise InvalidArgument(f"{field}: needs an image, a text or a vector")
+        caption = text if text is not None else self._caption(doc.caption, f"{field}.caption")
+        publish = _seconds(doc.publish_time) if doc.HasField("publish_time") else now
+        record = DocRecord(
+            id=doc_id,
+            publish_time=publish,
+            metadata=metadata,
+            caption=caption,
+            has_image=image is not None or image_vec is not None,
+            has_text=text is not None or text_vec is not None,
+        )
+        return UpsertItem(record, image, text, image_vec, text_vec)
+
+    def _opt_vector(self, doc: search_pb2.UpsertDocument, name: str, field: str) -> np.ndarray | None:
+        return self.vector(getattr(doc, name), f"{field}.{name}") if doc.HasField(name) else None
+
+    def _caption(self, caption: str, field: str) -> str:
+        if len(caption.encode("utf-8")) > self.limits.max_text_bytes:
+            raise InvalidArgument(f"{field}: over the limit of {self.limits.max_text_bytes} bytes")
+        return caption
+
+    def _metadata(self, pairs: dict[str, str], field: str) -> dict[str, str]:
+        lim = self.limits
+        for key, value in pairs.items():
+            if not 1 <= len(key.encode("utf-8")) <= lim.max_metadata_key_bytes:
+                raise InvalidArgument(f"{field}: keys must be 1 to {lim.max_metadata_key_bytes} bytes")
+            if len(value.encode("utf-8")) > lim.max_metadata_value_bytes:
+                raise InvalidArgument(
+                    f"{field}[{key!r}]: value over {lim.max_metadata_value_bytes} bytes"
+                )
+        return pairs
+
+    @staticmethod
+    def _count(n: int, limit: int, field: str, minimum: int = 1) -> None:
+        if not minimum <= n <= limit:
+            raise InvalidArgument(f"{field}: must hold {minimum} to {limit} items, got {n}")
+
+    @staticmethod
+    def _distinct(ids: list[str], field: str) -> None:
+        if len(set(ids)) != len(ids):
+            dup = next(i for n, i in enumerate(ids) if i in ids[:n])
+            raise InvalidArgument(f"{field}: id {dup!r} appears more than once")
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos * 1e-9
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A Timestamp for POSIX seconds."""
+    ts = Timestamp()
+    whole = math.floor(seconds)
+    ts.seconds, ts.nanos = int(whole), int(round((seconds - whole) * 1e9)) % 1_000_000_000
+    return ts
+
+
+def document(record: DocRecord) -> common_pb2.Document:
+    """A stored record as a protobuf Document."""
+    return common_pb2.Document(
+        id=record.id,
+        publish_time=timestamp(record.publish_time),
+        metadata=dict(record.metadata),
+        caption=record.caption,
+        has_image=record.has_image,
+        has_text=record.has_text,
+    )
+
+
+def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.SearchResponse:
+    """A SearchOutcome as the SearchResponse of query `q`."""
+    hits = [
+        search_pb2.Hit(
+            id=h.record.id,
+            similarity=h.similarity,
+            decay=h.decay,
+            score=h.score,
+            publish_time=timestamp(h.record.publish_time),
+            metadata=dict(h.record.metadata),
+            caption=h.record.caption,
+        )
+        for h in outcome.hits
+    ]
+    t = outcome.timings_ms
+    return search_pb2.SearchResponse(
+        hits=hits,
+        recency=search_pb2.Recency(
+            decay_per_day=q.alpha, reference_time=timestamp(q.reference_time)
+        ),
+        candidates_examined=outcome.candidates,
+        shards_answered=outcome.shards_answered,
+        shards_total=outcome.shards_total,
+        timings=search_pb2.Timings(
+            encode_ms=t.get("encode", 0.0),
+            search_ms=t.get("search", 0.0),
+            merge_ms=t.get("merge", 0.0),
+            total_ms=t.get("total", 0.0),
+        ),
+    )
+
+
+def vectors(arr: np.ndarray) -> list[common_pb2.Vector]:
+    """Rows of a (n, d) array as Vector messages."""
+    return [common_pb2.Vector(values=row.tolist()) for row in arr]

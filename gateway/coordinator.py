@@ -1,0 +1,157 @@
+"""The request logic behind the servicers: encode, route, fan out, merge, re-rank.
+
+Works on domain types only; the servicers convert protobuf at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clipsearch.errors import NotFound
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from gateway.backends import EncoderBackend, ShardBackend
+from gateway.ranking import RankedHit, candidate_count, is_exact, rank, unseen_bound
+from index_service.router import group_by_shard
+
+# With recency on, start by fetching this many times k per shard (the seed's 3x), then grow.
+_RECENCY_OVERFETCH = 3
+_GROWTH = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A validated search. Exactly one of text, image, vector is set."""
+
+    target: Modality
+    top_k: int
+    text: str | None = None
+    image: bytes | None = None
+    vector: np.ndarray | None = None
+    flt: SearchFilter | None = None
+    alpha: float = 0.0
+    reference_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertItem:
+    """A validated document write; raw inputs are encoded by the coordinator."""
+
+    record: DocRecord
+    image: bytes | None = None
+    text: str | None = None
+    image_vector: np.ndarray | None = None
+    text_vector: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class SearchOutcome:
+    """Hits plus the evidence of how they were found."""
+
+    hits: list[RankedHit]
+    candidates: int
+    shards_answered: int
+    shards_total: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Fans requests out to the shards and merges their answers."""
+
+    def __init__(self, encoder: EncoderBackend, shards: Sequence[ShardBackend]) -> None:
+        self.encoder = encoder
+        self.shards = list(shards)
+
+    async def search(self, q: SearchQuery) -> SearchOutcome:
+        """The exact top_k by similarity x recency decay over all shards."""
+        t0 = time.perf_counter()
+        vector = await self._query_vector(q)
+        t1 = time.perf_counter()
+        fetch = q.top_k * (_RECENCY_OVERFETCH if q.alpha > 0 else 1)
+        while True:
+            answers = await self._fan_out(q, vector, fetch)
+            t2 = time.perf_counter()
+            top = rank(answers, q.top_k, q.alpha, q.reference_time)
+            bound = unseen_bound(answers)
+            if is_exact(top, q.top_k, bound, q.alpha):
+                break
+            fetch *= _GROWTH
+        t3 = time.perf_counter()
+        timings = {"encode": t1 - t0, "search": t2 - t1, "merge": t3 - t2, "total": t3 - t0}
+        return SearchOutcome(
+            hits=top,
+            candidates=candidate_count(answers),
+            shards_answered=len(answers),
+            shards_total=len(self.shards),
+            timings_ms={k: v * 1000.0 for k, v in timings.items()},
+        )
+
+    async def upsert(self, items: Sequence[UpsertItem]) -> int:
+        """Encode raw inputs, then write each document to its shard."""
+        writes = await self._encode_items(items)
+        by_id = {w.record.id: w for w in writes}
+        groups = group_by_shard(by_id, len(self.shards))
+        await asyncio.gather(
+            *(self.shards[s].upsert([by_id[i] for i in ids]) for s, ids in groups.items())
+        )
+        return len(writes)
+
+    async def delete(self, doc_ids: Sequence[str]) -> int:
+        """Delete ids from their shards; returns how many existed."""
+        groups = group_by_shard(dict.fromkeys(doc_ids), len(self.shards))
+        counts = await asyncio.gather(*(self.shards[s].delete(ids) for s, ids in groups.items()))
+        return sum(counts)
+
+    async def get(self, doc_ids: Sequence[str], allow_missing: bool) -> list[DocRecord | None]:
+        """Records in request order, None for unknown ids (NotFound unless allow_missing)."""
+        groups = group_by_shard(dict.fromkeys(doc_ids), len(self.shards))
+        answers = await asyncio.gather(*(self.shards[s].get(ids) for s, ids in groups.items()))
+        found: dict[str, DocRecord | None] = {}
+        for ids, records in zip(groups.values(), answers, strict=True):
+            found.update(zip(ids, records, strict=True))
+        missing = [i for i in doc_ids if found[i] is None]
+        if missing and not allow_missing:
+            shown = ", ".join(repr(i) for i in missing[:5])
+            raise NotFound(f"{len(missing)} id(s) not stored: {shown}")
+        return [found[i] for i in doc_ids]
+
+    async def stats(self) -> list[ShardStats]:
+        """Per-shard counts."""
+        return list(await asyncio.gather(*(s.stats() for s in self.shards)))
+
+    async def _query_vector(self, q: SearchQuery) -> np.ndarray:
+        if q.vector is not None:
+            return q.vector
+        if q.text is not None:
+            return (await self.encoder.encode_texts([q.text]))[0]
+        assert q.image is not None  # guaranteed by validation
+        return (await self.encoder.encode_images([q.image]))[0]
+
+    async def _fan_out(self, q: SearchQuery, vector: np.ndarray, k: int) -> list[ShardHits]:
+        calls = (s.search(q.target, vector, k, q.flt) for s in self.shards)
+        return list(await asyncio.gather(*calls))
+
+    async def _encode_items(self, items: Sequence[UpsertItem]) -> list[DocWrite]:
+        texts = [i.text for i in items if i.text is not None]
+        images = [i.image for i in items if i.image is not None]
+        text_vecs, image_vecs = await asyncio.gather(
+            self._maybe(self.encoder.encode_texts, texts),
+            self._maybe(self.encoder.encode_images, images),
+        )
+        text_iter, image_iter = iter(text_vecs), iter(image_vecs)
+        return [
+            DocWrite(
+                record=item.record,
+                image_vector=next(image_iter) if item.image is not None else item.image_vector,
+                text_vector=next(text_iter) if item.text is not None else item.text_vector,
+            )
+            for item in items
+        ]
+
+    @staticmethod
+    async def _maybe(encode, inputs: list) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return await encode(inputs) if inputs else np.zeros((0, 0), dtype=np.float32)

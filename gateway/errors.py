@@ -1,0 +1,115 @@
+"""The one table from domain errors to gRPC status codes, and the interceptor that applies it.
+
+The interceptor also gives every call a request id (from `x-request-id` or a new one, sent
+back in trailing metadata), a deadline when the client set none, an access-log line, and
+turns an undecodable request into INVALID_ARGUMENT instead of grpc's UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from clipsearch import errors
+
+log = logging.getLogger("clipsearch.gateway")
+access_log = logging.getLogger("clipsearch.access")
+
+STATUS_OF: dict[type[errors.ClipsearchError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_of(exc: errors.ClipsearchError) -> grpc.StatusCode:
+    """The status code of a domain error (by its most specific class)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class _Undecodable:
+    """Stands in for a request body that failed to parse."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data) if deserializer else data
+        except DecodeError:
+            return _Undecodable()
+
+    return parse
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses, bounds every call by a deadline, logs one line per RPC."""
+
+    def __init__(self, default_timeout_s: float) -> None:
+        self._default_timeout_s = default_timeout_s
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (health Watch, reflection) passes through untouched
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, details.method),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = _request_id(context)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if isinstance(request, _Undecodable):
+                    raise errors.InvalidArgument("request body is not a valid protobuf message")
+                return await asyncio.wait_for(behavior(request, context), self._timeout(context))
+            except errors.ClipsearchError as exc:
+                code = status_of(exc)
+                await context.abort(code, str(exc))
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "deadline exceeded before the answer was ready")
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s (request id %s)", method, request_id)
+                await context.abort(code, f"internal error; quote request id {request_id}")
+            finally:
+                access_log.info(
+                    "rpc method=%s status=%s ms=%.2f request_id=%s",
+                    method, code.name, (time.perf_counter() - start) * 1000.0, request_id,
+                )
+
+        return run
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self._default_timeout_s if remaining is None else max(remaining, 0.0)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex

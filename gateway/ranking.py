@@ -1,0 +1,81 @@
+"""Merging shard answers and the exact recency re-rank (pure functions, no I/O).
+
+Recency: score = similarity * exp(-alpha * age_days). Because the decay is at most 1, a
+document never seen (its similarity is at most the last one a non-exhausted shard returned,
+the *bound*) cannot score above the bound when that bound is >= 0. So once the k-th best
+score among the candidates reaches the bound, the top k is exact; otherwise the caller
+fetches more. A negative bound gives no such guarantee (decay moves negative scores up
+towards 0), so then the k-th score must reach 0 or every shard must be exhausted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipsearch.types import DocRecord, ShardHits
+
+SECONDS_PER_DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class RankedHit:
+    """A candidate with its recency decay applied."""
+
+    record: DocRecord
+    similarity: float
+    decay: float
+    score: float
+
+
+def decay_factor(publish_time: float, reference_time: float, alpha: float) -> float:
+    """exp(-alpha * age_days); future-dated documents have age 0."""
+    if alpha == 0.0:
+        return 1.0
+    age_days = max(0.0, reference_time - publish_time) / SECONDS_PER_DAY
+    return math.exp(-alpha * age_days)
+
+
+def rank(
+    answers: Sequence[ShardHits], k: int, alpha: float, reference_time: float
+) -> list[RankedHit]:
+    """The best k candidates of all shards by decayed score (ties broken by id)."""
+    ranked = (
+        RankedHit(rec, float(sim), d, float(sim) * d)
+        for hits in answers
+        for sim, rec in zip(hits.similarities.tolist(), hits.records, strict=True)
+        for d in (decay_factor(rec.publish_time, reference_time, alpha),)
+    )
+    return heapq.nsmallest(k, ranked, key=lambda h: (-h.score, h.record.id))
+
+
+def unseen_bound(answers: Sequence[ShardHits]) -> float | None:
+    """Highest similarity an unfetched document can have; None when every shard is exhausted."""
+    bounds = [float(h.similarities[-1]) for h in answers if not h.exhausted and len(h.records)]
+    if any(not h.exhausted and not len(h.records) for h in answers):
+        return math.inf
+    return max(bounds) if bounds else None
+
+
+def is_exact(top: Sequence[RankedHit], k: int, bound: float | None, alpha: float) -> bool:
+    """Whether `top` is provably the exact decayed top-k given the unseen bound."""
+    if bound is None:
+        return True
+    if len(top) < k:
+        return False
+    threshold = bound if (alpha == 0.0 or bound >= 0.0) else 0.0
+    return top[k - 1].score >= threshold
+
+
+def candidate_count(answers: Sequence[ShardHits]) -> int:
+    """How many candidates the shards returned in total."""
+    return sum(len(h.records) for h in answers)
+
+
+def empty_hits() -> ShardHits:
+    """An exhausted, empty answer (a shard with nothing to offer)."""
+    return ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)

@@ -1,0 +1,117 @@
+"""Fan-out, merge and the exact recency rule over real shard engines (no Ray, no gRPC)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from clipsearch.errors import NotFound
+from clipsearch.types import DocRecord, Modality, SearchFilter
+from gateway.coordinator import Coordinator, SearchQuery, UpsertItem
+from index_service.shard import Shard
+from tests.fakes import HashEncoder, LocalShard, unit_vectors
+
+DIM = 16
+DAY = 86_400.0
+NOW = 1_800_000_000.0
+
+
+def _coordinator(n_shards: int) -> Coordinator:
+    return Coordinator(HashEncoder(DIM), [LocalShard(Shard(i, DIM)) for i in range(n_shards)])
+
+
+def _items(n: int, seed: int = 0) -> list[UpsertItem]:
+    vecs = unit_vectors(n, DIM, seed)
+    ages = np.random.default_rng(seed + 1).uniform(0, 90, n)
+    return [
+        UpsertItem(
+            DocRecord(f"doc-{i}", NOW - ages[i] * DAY, {"g": str(i % 5)}, has_image=True),
+            image_vector=vecs[i],
+        )
+        for i in range(n)
+    ]
+
+
+def _reference(items: list[UpsertItem], q: np.ndarray, k: int, alpha: float,
+               flt: SearchFilter | None = None) -> list[tuple[str, float]]:
+    scored = []
+    for it in items:
+        if flt is not None and not flt.matches(it.record):
+            continue
+        age = max(0.0, NOW - it.record.publish_time) / DAY
+        scored.append((it.record.id, float(it.image_vector @ q) * math.exp(-alpha * age)))  # type: ignore[operator]
+    return sorted(scored, key=lambda r: (-r[1], r[0]))[:k]
+
+
+async def test_sharded_search_equals_one_exact_index() -> None:
+    items = _items(500)
+    sharded, single = _coordinator(4), _coordinator(1)
+    await sharded.upsert(items)
+    await single.upsert(items)
+    for seed in range(10):
+        q = SearchQuery(Modality.IMAGE, 20, vector=unit_vectors(1, DIM, 1000 + seed)[0])
+        a, b = await sharded.search(q), await single.search(q)
+        assert [h.record.id for h in a.hits] == [h.record.id for h in b.hits]
+        assert np.allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-5)
+        assert a.shards_answered == a.shards_total == 4
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.01, 0.1, 1.0, 20.0])
+async def test_recency_top_k_equals_brute_force(alpha: float) -> None:
+    items = _items(400, seed=3)
+    coord = _coordinator(3)
+    await coord.upsert(items)
+    for seed in range(5):
+        qv = unit_vectors(1, DIM, 500 + seed)[0]
+        out = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=alpha,
+                                             reference_time=NOW))
+        expected = _reference(items, qv, 10, alpha)
+        assert [h.record.id for h in out.hits] == [i for i, _ in expected]
+        assert np.allclose([h.score for h in out.hits], [s for _, s in expected], atol=1e-5)
+        assert out.candidates >= 10
+
+
+async def test_large_alpha_lets_fresh_documents_beat_the_best_raw_matches() -> None:
+    items = _items(400, seed=5)
+    coord = _coordinator(2)
+    await coord.upsert(items)
+    qv = unit_vectors(1, DIM, 77)[0]
+    plain = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, reference_time=NOW))
+    decayed = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=5.0,
+                                             reference_time=NOW))
+    assert set(h.record.id for h in plain.hits) - set(h.record.id for h in decayed.hits)
+    assert decayed.candidates > plain.candidates  # it had to look further than the top 10
+
+
+async def test_filtered_recency_search_is_exact() -> None:
+    items = _items(300, seed=9)
+    coord = _coordinator(3)
+    await coord.upsert(items)
+    flt = SearchFilter(metadata_equals=(("g", "2"),), time_start=NOW - 60 * DAY)
+    qv = unit_vectors(1, DIM, 4)[0]
+    out = await coord.search(SearchQuery(Modality.IMAGE, 7, vector=qv, flt=flt, alpha=0.3,
+                                         reference_time=NOW))
+    assert [h.record.id for h in out.hits] == [i for i, _ in _reference(items, qv, 7, 0.3, flt)]
+
+
+async def test_upsert_replaces_across_shards_and_get_delete_round_trip() -> None:
+    coord = _coordinator(4)
+    await coord.upsert(_items(50))
+    await coord.upsert(_items(50, seed=42))  # same ids, new vectors
+    stats = await coord.stats()
+    assert sum(s.documents for s in stats) == 50
+    assert await coord.delete(["doc-1", "doc-2", "missing"]) == 2
+    with pytest.raises(NotFound, match="doc-1"):
+        await coord.get(["doc-1", "doc-3"], allow_missing=False)
+    got = await coord.get(["doc-1", "doc-3"], allow_missing=True)
+    assert got[0] is None and got[1] is not None and got[1].id == "doc-3"
+
+
+async def test_text_and_image_queries_are_encoded() -> None:
+    coord = _coordinator(2)
+    await coord.upsert([UpsertItem(DocRecord("t", NOW, has_text=True), text="a red circle")])
+    out = await coord.search(SearchQuery(Modality.TEXT, 1, text="a red circle"))
+    assert out.hits[0].record.id == "t"
+    assert out.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
