@@ -1,0 +1,1 @@
+"""Training code for the clipsearch demo CLIP model (tokenizer, contrastive loop, CLI)."""
