@@ -18,12 +18,12 @@ _HOW_TO_QUERY = """\
 clipsearch is ready on {address}  (model {model}, {docs} documents in {shards} shards, \
 ready in {secs:.1f} s)
 
-Try it:
-  clipsearch search "a red circle" --server {address}
-  grpcurl -plaintext {address} list
-  grpcurl -plaintext -d '{{"text": "a red circle", "top_k": 5}}' \\
+Try it from another shell:
+  {grpcurl} -plaintext {address} list
+  {grpcurl} -plaintext -d '{{"text": "a red circle", "top_k": 5}}' \\
       {address} clipsearch.v1.SearchService/Search
-  python -c "import clipsearch; print(clipsearch.Client('{address}').search('a red circle').ids)"
+  {python} -m clipsearch.cli search "a red circle" --server {address}
+  {python} -c "import clipsearch; print(clipsearch.Client('{address}').search('a red circle').ids)"
 
 Ctrl-C stops it.
 """
@@ -97,6 +97,7 @@ async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
             docs=sum(s.documents for s in stats),
             shards=len(stats),
             secs=time.perf_counter() - started,
+            **_commands(),
         ),
         flush=True,
     )
@@ -110,6 +111,16 @@ async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
     import ray
 
     ray.shutdown()
+
+
+def _commands() -> dict[str, str]:
+    """How to run our Python and grpcurl from another shell, whether installed or not."""
+    root = Path(__file__).resolve().parent.parent
+    python = sys.executable
+    if "site-packages" not in Path(__file__).resolve().parts:
+        python = f"PYTHONPATH={root} {python}"
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    return {"python": python, "grpcurl": str(grpcurl) if grpcurl.exists() else "grpcurl"}
 
 
 def _search(args: argparse.Namespace) -> None:

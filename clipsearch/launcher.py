@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class Stack:
 
 def init_ray(settings: Settings) -> None:
     """Start an embedded Ray runtime (no dashboard) unless one is already running."""
+    # Serve's router asks replicas for their queue length with a 0.1 s deadline and warns on
+    # every miss; on a busy 2-core machine that floods the log while the demo corpus loads.
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
 
     if ray.is_initialized():
