@@ -13,7 +13,7 @@ STAMP := $(VENV)/.deps-$(DEPS_HASH)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all proto demo-model clean-venv
+.PHONY: install serve test test-all lint proto demo-model clean-venv
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ serve: install
 ## Run the test suite (hermetic, CPU-only; slow scenarios excluded).
 test: install
 	$(RUN) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+## Lint and format check (ruff; generated stubs excluded).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 ## Everything, slow scenarios included.
 test-all: install

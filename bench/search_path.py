@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -45,8 +44,10 @@ def _time(fn: Callable[[int], object], n: int) -> list[float]:
 
 def _row(name: str, ours: list[float], raw: list[float]) -> str:
     p50o, p50r = _p(ours, 50), _p(raw, 50)
-    return (f"{name:<14} served p50 {p50o:7.2f} ms  p99 {_p(ours, 99):7.2f} ms | raw p50 "
-            f"{p50r:7.2f} ms | served - raw {p50o - p50r:6.2f} ms | ratio {p50o / p50r:5.2f}x")
+    return (
+        f"{name:<14} served p50 {p50o:7.2f} ms  p99 {_p(ours, 99):7.2f} ms | raw p50 "
+        f"{p50r:7.2f} ms | served - raw {p50o - p50r:6.2f} ms | ratio {p50o / p50r:5.2f}x"
+    )
 
 
 def main() -> None:
@@ -65,8 +66,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((args.docs, dim)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    for s in range(0, args.docs, 500):
-        client.upsert(Document(f"d{i}", image_vector=vecs[i]) for i in range(s, min(s + 500, args.docs)))
+    for s in range(0, args.docs, 256):
+        client.upsert(
+            Document(f"d{i}", image_vector=vecs[i]) for i in range(s, min(s + 256, args.docs))
+        )
     raw_index = faiss.IndexFlatIP(dim)
     raw_index.add(vecs)
     queries = rng.standard_normal((args.queries + 1, dim)).astype(np.float32)
@@ -79,8 +82,10 @@ def main() -> None:
     served_txt = _time(lambda i: client.search(texts[i], top_k=10), args.queries)
     raw_txt = _time(lambda i: raw_index.search(model.encode_texts([texts[i]]), 10), args.queries)
 
-    print(f"{args.docs} docs x {dim} dims, {settings.index.shards} shards, model {args.model}, "
-          f"{args.queries} sequential queries, top_k 10")
+    print(
+        f"{args.docs} docs x {dim} dims, {settings.index.shards} shards, model {args.model}, "
+        f"{args.queries} sequential queries, top_k 10"
+    )
     print(_row("vector search", served_vec, raw_vec))
     print(_row("text search", served_txt, raw_txt))
     client.close()

@@ -148,15 +148,23 @@ def format_table(result) -> str:  # type: ignore[no-untyped-def]
     """Hits as an aligned text table."""
     rows = [("#", "id", "score", "similarity", "decay", "published", "caption")]
     for n, h in enumerate(result.hits, 1):
-        rows.append((
-            str(n), h.id, f"{h.score:.4f}", f"{h.similarity:.4f}", f"{h.decay:.3f}",
-            h.publish_time.strftime("%Y-%m-%d %H:%M"), h.caption[:60],
-        ))
+        rows.append(
+            (
+                str(n),
+                h.id,
+                f"{h.score:.4f}",
+                f"{h.similarity:.4f}",
+                f"{h.decay:.3f}",
+                h.publish_time.strftime("%Y-%m-%d %H:%M"),
+                h.caption[:60],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     footer = (
         f"{len(result.hits)} hits, {result.candidates_examined} candidates examined, "
-        f"{result.shards_answered}/{result.shards_total} shards, {result.timings_ms['total']:.1f} ms"
+        f"{result.shards_answered}/{result.shards_total} shards, "
+        f"{result.timings_ms['total']:.1f} ms"
     )
     return "\n".join([*lines, footer])
 
@@ -171,8 +179,10 @@ def _stats(args: argparse.Namespace) -> None:
             sys.exit(f"{exc.code().name}: {exc.details()}")
     print(f"model {s.model_id}  dimension {s.dimension}  index {s.index_type}")
     for shard in s.shards:
-        print(f"  shard {shard.shard}: {shard.documents} documents "
-              f"({shard.image_vectors} image, {shard.text_vectors} text vectors)")
+        print(
+            f"  shard {shard.shard}: {shard.documents} documents "
+            f"({shard.image_vectors} image, {shard.text_vectors} text vectors)"
+        )
     print(f"total {s.total_documents} documents")
 
 

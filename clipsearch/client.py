@@ -169,7 +169,9 @@ class Client:
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) L2-normalised embeddings of texts."""
-        resp = self._encoder.EncodeText(encoder_pb2.EncodeTextRequest(texts=list(texts)), **self._kw)
+        resp = self._encoder.EncodeText(
+            encoder_pb2.EncodeTextRequest(texts=list(texts)), **self._kw
+        )
         return _matrix(resp.embeddings)
 
     def encode_image(self, images: Sequence[bytes]) -> np.ndarray:
@@ -184,7 +186,11 @@ class Client:
 
 def to_timestamp(value: TimeLike) -> Timestamp:
     """A protobuf Timestamp from a datetime (naive = UTC) or POSIX seconds."""
-    seconds = value.replace(tzinfo=value.tzinfo or UTC).timestamp() if isinstance(value, datetime) else float(value)
+    seconds = (
+        value.replace(tzinfo=value.tzinfo or UTC).timestamp()
+        if isinstance(value, datetime)
+        else float(value)
+    )
     whole = math.floor(seconds)
     return Timestamp(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
 
@@ -215,7 +221,15 @@ def to_upsert_document(doc: Document) -> search_pb2.UpsertDocument:
 
 def _search_result(resp: search_pb2.SearchResponse) -> SearchResult:
     hits = [
-        Hit(h.id, h.similarity, h.decay, h.score, _datetime(h.publish_time), dict(h.metadata), h.caption)
+        Hit(
+            h.id,
+            h.similarity,
+            h.decay,
+            h.score,
+            _datetime(h.publish_time),
+            dict(h.metadata),
+            h.caption,
+        )
         for h in resp.hits
     ]
     t = resp.timings
@@ -225,7 +239,12 @@ def _search_result(resp: search_pb2.SearchResponse) -> SearchResult:
         shards_answered=resp.shards_answered,
         shards_total=resp.shards_total,
         reference_time=_datetime(resp.recency.reference_time),
-        timings_ms={"encode": t.encode_ms, "search": t.search_ms, "merge": t.merge_ms, "total": t.total_ms},
+        timings_ms={
+            "encode": t.encode_ms,
+            "search": t.search_ms,
+            "merge": t.merge_ms,
+            "total": t.total_ms,
+        },
     )
 
 

@@ -106,7 +106,9 @@ async def load_demo_corpus(stack: Stack, n: int, batch: int = 64) -> int:
     validator = Validator(stack.settings.limits, stack.coordinator.encoder.dim)
     docs = list(demo_documents(n, now=time.time()))
     for start in range(0, len(docs), batch):
-        req = search_pb2.UpsertRequest(documents=[to_upsert_document(d) for d in docs[start : start + batch]])
+        req = search_pb2.UpsertRequest(
+            documents=[to_upsert_document(d) for d in docs[start : start + batch]]
+        )
         await stack.coordinator.upsert(validator.upsert_items(req, now=time.time()))
     log.info("loaded %d demo documents", len(docs))
     return len(docs)

@@ -157,7 +157,9 @@ class Validator:
         )
         return UpsertItem(record, image, text, image_vec, text_vec)
 
-    def _opt_vector(self, doc: search_pb2.UpsertDocument, name: str, field: str) -> np.ndarray | None:
+    def _opt_vector(
+        self, doc: search_pb2.UpsertDocument, name: str, field: str
+    ) -> np.ndarray | None:
         return self.vector(getattr(doc, name), f"{field}.{name}") if doc.HasField(name) else None
 
     def _caption(self, caption: str, field: str) -> str:
@@ -169,7 +171,9 @@ class Validator:
         lim = self.limits
         for key, value in pairs.items():
             if not 1 <= len(key.encode("utf-8")) <= lim.max_metadata_key_bytes:
-                raise InvalidArgument(f"{field}: keys must be 1 to {lim.max_metadata_key_bytes} bytes")
+                raise InvalidArgument(
+                    f"{field}: keys must be 1 to {lim.max_metadata_key_bytes} bytes"
+                )
             if len(value.encode("utf-8")) > lim.max_metadata_value_bytes:
                 raise InvalidArgument(
                     f"{field}[{key!r}]: value over {lim.max_metadata_value_bytes} bytes"

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,5 +154,7 @@ class Coordinator:
         ]
 
     @staticmethod
-    async def _maybe(encode, inputs: list) -> np.ndarray:  # type: ignore[no-untyped-def]
+    async def _maybe(
+        encode: Callable[[list[Any]], Awaitable[np.ndarray]], inputs: list[Any]
+    ) -> np.ndarray:
         return await encode(inputs) if inputs else np.zeros((0, 0), dtype=np.float32)

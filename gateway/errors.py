@@ -98,7 +98,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 access_log.info(
                     "rpc method=%s status=%s ms=%.2f request_id=%s",
-                    method, code.name, (time.perf_counter() - start) * 1000.0, request_id,
+                    method,
+                    code.name,
+                    (time.perf_counter() - start) * 1000.0,
+                    request_id,
                 )
 
         return run

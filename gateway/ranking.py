@@ -15,8 +15,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from clipsearch.types import DocRecord, ShardHits
 
 SECONDS_PER_DAY = 86_400.0
@@ -74,8 +72,3 @@ def is_exact(top: Sequence[RankedHit], k: int, bound: float | None, alpha: float
 def candidate_count(answers: Sequence[ShardHits]) -> int:
     """How many candidates the shards returned in total."""
     return sum(len(h.records) for h in answers)
-
-
-def empty_hits() -> ShardHits:
-    """An exhausted, empty answer (a shard with nothing to offer)."""
-    return ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)

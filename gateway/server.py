@@ -8,8 +8,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from clipsearch.settings import Settings
-from clipsearch.v1 import admin_pb2, admin_pb2_grpc, encoder_pb2, encoder_pb2_grpc, search_pb2
-from clipsearch.v1 import search_pb2_grpc
+from clipsearch.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
 from gateway.convert import Validator
 from gateway.coordinator import Coordinator
 from gateway.errors import ErrorInterceptor
@@ -48,8 +54,11 @@ async def create_server(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{settings.gateway.host}:{settings.gateway.port}")

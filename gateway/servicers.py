@@ -69,7 +69,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         texts = [self._check.text(t, f"texts[{n}]") for n, t in enumerate(request.texts)]
         vecs = await self._encoder.encode_texts(texts)
         return encoder_pb2.EncodeTextResponse(
-            embeddings=convert.vectors(vecs), model_id=self._encoder.model_id, dimension=self._encoder.dim
+            embeddings=convert.vectors(vecs),
+            model_id=self._encoder.model_id,
+            dimension=self._encoder.dim,
         )
 
     async def EncodeImage(  # noqa: N802
@@ -79,7 +81,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         images = [self._check.image(b, f"images[{n}]") for n, b in enumerate(request.images)]
         vecs = await self._encoder.encode_images(images)
         return encoder_pb2.EncodeImageResponse(
-            embeddings=convert.vectors(vecs), model_id=self._encoder.model_id, dimension=self._encoder.dim
+            embeddings=convert.vectors(vecs),
+            model_id=self._encoder.model_id,
+            dimension=self._encoder.dim,
         )
 
 
@@ -109,4 +113,3 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ],
             total_documents=sum(s.documents for s in shards),
         )
-

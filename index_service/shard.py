@@ -31,7 +31,11 @@ class Shard:
         self.shard_id = shard_id
         self.dim = dim
         self.factory = factory
-        self._indexes = {m: make_index(dim, factory) for m in Modality}
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every document."""
+        self._indexes = {m: make_index(self.dim, self.factory) for m in Modality}
         self._label_of: dict[str, int] = {}
         self._records: dict[int, DocRecord] = {}
         self._by_meta: dict[tuple[str, str], set[int]] = {}
@@ -62,10 +66,6 @@ class Shard:
     def get(self, doc_ids: Sequence[str]) -> list[DocRecord | None]:
         """Records for the ids, None where an id is not stored."""
         return [self._records[self._label_of[i]] if i in self._label_of else None for i in doc_ids]
-
-    def clear(self) -> None:
-        """Drop every document."""
-        self.__init__(self.shard_id, self.dim, self.factory)  # type: ignore[misc]
 
     def search(
         self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None = None
@@ -100,14 +100,18 @@ class Shard:
             raise ValueError(f"query has dimension {q.shape[1]}, shard holds {self.dim}")
         return q
 
-    def _add_vectors(self, modality: Modality, labels: np.ndarray, writes: Sequence[DocWrite]) -> None:
+    def _add_vectors(
+        self, modality: Modality, labels: np.ndarray, writes: Sequence[DocWrite]
+    ) -> None:
         rows = [(lb, w.vector(modality)) for lb, w in zip(labels, writes, strict=True)]
         rows = [(lb, v) for lb, v in rows if v is not None]
         if not rows:
             return
         vectors = np.stack([v for _, v in rows]).astype(np.float32, copy=False)
         if vectors.shape[1] != self.dim:
-            raise ValueError(f"{modality} vectors have dimension {vectors.shape[1]}, expected {self.dim}")
+            raise ValueError(
+                f"{modality} vectors have dimension {vectors.shape[1]}, expected {self.dim}"
+            )
         ids = np.fromiter((lb for lb, _ in rows), dtype=np.int64, count=len(rows))
         self._indexes[modality].add_with_ids(np.ascontiguousarray(vectors), ids)
 

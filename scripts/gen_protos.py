@@ -39,7 +39,9 @@ def generate(out: Path) -> None:
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
     init = out / "clipsearch" / "v1" / "__init__.py"
-    init.write_text('"""Generated gRPC stubs of the clipsearch.v1 API (do not edit; `make proto`)."""\n')
+    init.write_text(
+        '"""Generated gRPC stubs of the clipsearch.v1 API (do not edit; `make proto`)."""\n'
+    )
 
 
 def main() -> None:

@@ -68,7 +68,10 @@ def test_bad_documents_name_the_field(doc: search_pb2.UpsertDocument, message: s
 
 
 def test_duplicate_ids_in_one_upsert_are_rejected() -> None:
-    docs = [search_pb2.UpsertDocument(id="a", text="x"), search_pb2.UpsertDocument(id="a", text="y")]
+    docs = [
+        search_pb2.UpsertDocument(id="a", text="x"),
+        search_pb2.UpsertDocument(id="a", text="y"),
+    ]
     with pytest.raises(InvalidArgument, match="more than once"):
         _validator().upsert_items(search_pb2.UpsertRequest(documents=docs), now=0.0)
 

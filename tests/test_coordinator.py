@@ -34,8 +34,9 @@ def _items(n: int, seed: int = 0) -> list[UpsertItem]:
     ]
 
 
-def _reference(items: list[UpsertItem], q: np.ndarray, k: int, alpha: float,
-               flt: SearchFilter | None = None) -> list[tuple[str, float]]:
+def _reference(
+    items: list[UpsertItem], q: np.ndarray, k: int, alpha: float, flt: SearchFilter | None = None
+) -> list[tuple[str, float]]:
     scored = []
     for it in items:
         if flt is not None and not flt.matches(it.record):
@@ -65,8 +66,9 @@ async def test_recency_top_k_equals_brute_force(alpha: float) -> None:
     await coord.upsert(items)
     for seed in range(5):
         qv = unit_vectors(1, DIM, 500 + seed)[0]
-        out = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=alpha,
-                                             reference_time=NOW))
+        out = await coord.search(
+            SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=alpha, reference_time=NOW)
+        )
         expected = _reference(items, qv, 10, alpha)
         assert [h.record.id for h in out.hits] == [i for i, _ in expected]
         assert np.allclose([h.score for h in out.hits], [s for _, s in expected], atol=1e-5)
@@ -79,8 +81,9 @@ async def test_large_alpha_lets_fresh_documents_beat_the_best_raw_matches() -> N
     await coord.upsert(items)
     qv = unit_vectors(1, DIM, 77)[0]
     plain = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, reference_time=NOW))
-    decayed = await coord.search(SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=5.0,
-                                             reference_time=NOW))
+    decayed = await coord.search(
+        SearchQuery(Modality.IMAGE, 10, vector=qv, alpha=5.0, reference_time=NOW)
+    )
     assert set(h.record.id for h in plain.hits) - set(h.record.id for h in decayed.hits)
     assert decayed.candidates > plain.candidates  # it had to look further than the top 10
 
@@ -91,8 +94,9 @@ async def test_filtered_recency_search_is_exact() -> None:
     await coord.upsert(items)
     flt = SearchFilter(metadata_equals=(("g", "2"),), time_start=NOW - 60 * DAY)
     qv = unit_vectors(1, DIM, 4)[0]
-    out = await coord.search(SearchQuery(Modality.IMAGE, 7, vector=qv, flt=flt, alpha=0.3,
-                                         reference_time=NOW))
+    out = await coord.search(
+        SearchQuery(Modality.IMAGE, 7, vector=qv, flt=flt, alpha=0.3, reference_time=NOW)
+    )
     assert [h.record.id for h in out.hits] == [i for i, _ in _reference(items, qv, 7, 0.3, flt)]
 
 

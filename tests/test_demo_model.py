@@ -105,11 +105,21 @@ def test_tokenizer_roundtrips_through_save_and_load(tokenizer, tmp_path: Path) -
     from transformers import AutoTokenizer, CLIPTokenizer
 
     tokenizer.save_pretrained(tmp_path)
-    texts = [s.caption for s in random_scenes(30, seed=2)] + ["a red circle", "zebra ünïcode 123", "Hello, World!"]
+    texts = [s.caption for s in random_scenes(30, seed=2)] + [
+        "a red circle",
+        "zebra ünïcode 123",
+        "Hello, World!",
+    ]
     expected = tokenizer(texts, padding="max_length", max_length=32, truncation=True)["input_ids"]
-    for loaded in (CLIPTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+    for loaded in (
+        CLIPTokenizer.from_pretrained(tmp_path),
+        AutoTokenizer.from_pretrained(tmp_path),
+    ):
         assert len(loaded) == len(tokenizer) > 256 * 2
-        assert loaded(texts, padding="max_length", max_length=32, truncation=True)["input_ids"] == expected
+        assert (
+            loaded(texts, padding="max_length", max_length=32, truncation=True)["input_ids"]
+            == expected
+        )
         assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
             tokenizer.bos_token_id,
             tokenizer.eos_token_id,
@@ -194,7 +204,9 @@ def test_shipped_model_handles_larger_images_and_padding(shipped) -> None:
     texts = ["a red circle", scenes[0].caption]
     with torch.no_grad():
         longest = text_embeddings(model, **tokenizer(texts, padding=True, return_tensors="pt"))
-        fixed = text_embeddings(model, **tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt"))
+        fixed = text_embeddings(
+            model, **tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+        )
     assert torch.allclose(longest, fixed, atol=1e-5)
 
 
@@ -221,8 +233,13 @@ def test_partial_captions_and_positives() -> None:
 
     red_circle = PartialCaption(color="red", shape="circle")
     assert red_circle.text == "a red circle"
-    scenes = [Scene("red", "circle", "small", "center", "white"), Scene("red", "square", "small", "center", "white")]
-    full = PartialCaption(**{a: getattr(scenes[1], a) for a in ("size", "color", "shape", "position", "background")})
+    scenes = [
+        Scene("red", "circle", "small", "center", "white"),
+        Scene("red", "square", "small", "center", "white"),
+    ]
+    full = PartialCaption(
+        **{a: getattr(scenes[1], a) for a in ("size", "color", "shape", "position", "background")}
+    )
     assert full.text == scenes[1].caption
     assert positives_matrix([red_circle, full], scenes).tolist() == [[True, False], [False, True]]
 
@@ -237,7 +254,9 @@ def test_short_training_run_lowers_contrastive_loss(tokenizer) -> None:
     processor = demo_image_processor()
     model = CLIPModel(demo_config(tokenizer))
     cfg = contrastive.TrainConfig(steps=40, batch_size=24, lr=1e-3, warmup_steps=5, log_every=0)
-    held_out = contrastive.make_batch(9_999, cfg, tokenizer, processor.image_mean, processor.image_std)
+    held_out = contrastive.make_batch(
+        9_999, cfg, tokenizer, processor.image_mean, processor.image_std
+    )
 
     def loss() -> float:
         model.eval()

@@ -18,7 +18,11 @@ from clipsearch.demo.corpus import demo_documents
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("clipsearch.v1.SearchService", "clipsearch.v1.EncoderService", "clipsearch.v1.AdminService")
+SERVICES = (
+    "clipsearch.v1.SearchService",
+    "clipsearch.v1.EncoderService",
+    "clipsearch.v1.AdminService",
+)
 
 
 def _grpcurl() -> str:
@@ -37,14 +41,28 @@ def test_health_is_serving_overall_and_per_service(stack) -> None:  # type: igno
 
 def test_grpcurl_lists_services_and_searches(client: Client, stack) -> None:  # type: ignore[no-untyped-def]
     client.upsert(list(demo_documents(48, now=1.8e9)))
-    listed = subprocess.run([_grpcurl(), "-plaintext", stack.address, "list"],
-                            capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    listed = subprocess.run(
+        [_grpcurl(), "-plaintext", stack.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
     assert set(SERVICES) <= set(listed)
     assert "grpc.health.v1.Health" in listed
     out = subprocess.run(
-        [_grpcurl(), "-plaintext", "-d", json.dumps({"text": "a red circle", "top_k": 3}),
-         stack.address, "clipsearch.v1.SearchService/Search"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            _grpcurl(),
+            "-plaintext",
+            "-d",
+            json.dumps({"text": "a red circle", "top_k": 3}),
+            stack.address,
+            "clipsearch.v1.SearchService/Search",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     hits = json.loads(out)["hits"]
     # 48 stratified demo scenes hold exactly two red circles: they must come first.
@@ -54,21 +72,44 @@ def test_grpcurl_lists_services_and_searches(client: Client, stack) -> None:  # 
 
 def test_grpcurl_reports_invalid_argument(stack) -> None:  # type: ignore[no-untyped-def]
     proc = subprocess.run(
-        [_grpcurl(), "-plaintext", "-d", '{"text": "x", "top_k": 0}', stack.address,
-         "clipsearch.v1.SearchService/Search"],
-        capture_output=True, text=True, timeout=60,
+        [
+            _grpcurl(),
+            "-plaintext",
+            "-d",
+            '{"text": "x", "top_k": 0}',
+            stack.address,
+            "clipsearch.v1.SearchService/Search",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "InvalidArgument" in proc.stderr and "top_k" in proc.stderr
 
 
 def test_cli_search_prints_a_table(client: Client, stack) -> None:  # type: ignore[no-untyped-def]
-    client.upsert([Document("red-1", text="a small red circle at the top left on a white background")])
+    client.upsert(
+        [Document("red-1", text="a small red circle at the top left on a white background")]
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "clipsearch.cli", "search", "a red circle", "--target", "text",
-         "--server", stack.address],
-        capture_output=True, text=True, timeout=120, check=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "clipsearch.cli",
+            "search",
+            "a red circle",
+            "--target",
+            "text",
+            "--server",
+            stack.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
     ).stdout
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["#", "id", "score"]

@@ -40,7 +40,11 @@ def test_serve_starts_answers_and_stops_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_DATA_DIR": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0", "--demo-corpus", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         address = _wait_for_ready(proc, timeout_s=240)

@@ -28,8 +28,13 @@ def _vector_docs(n: int, dim: int, seed: int) -> tuple[list[Document], np.ndarra
     vecs = unit_vectors(n, dim, seed)
     ages = np.random.default_rng(seed).uniform(0.0, 90.0, n)
     docs = [
-        Document(f"v{i}", image_vector=vecs[i], publish_time=NOW - timedelta(days=float(ages[i])),
-                 metadata={"g": str(i % 3)}, caption=f"vector doc {i}")
+        Document(
+            f"v{i}",
+            image_vector=vecs[i],
+            publish_time=NOW - timedelta(days=float(ages[i])),
+            metadata={"g": str(i % 3)},
+            caption=f"vector doc {i}",
+        )
         for i in range(n)
     ]
     return docs, vecs, ages
@@ -76,7 +81,10 @@ def test_recency_equals_brute_force(client: Client, alpha: float) -> None:
 def test_upsert_get_delete_and_replace(client: Client) -> None:
     dim = _dim(client)
     a, b = unit_vectors(2, dim, 3)
-    assert client.upsert([Document("doc-1", image_vector=a, caption="first", metadata={"v": "1"})]) == 1
+    assert (
+        client.upsert([Document("doc-1", image_vector=a, caption="first", metadata={"v": "1"})])
+        == 1
+    )
     assert client.search(vector=a, top_k=1).ids == ["doc-1"]
     client.upsert([Document("doc-1", image_vector=b, caption="second", metadata={"v": "2"})])
     hits = client.search(vector=b, top_k=5).hits
@@ -98,8 +106,9 @@ def test_metadata_and_time_filters(client: Client) -> None:
     docs, vecs, ages = _vector_docs(300, dim, seed=4)
     _upsert_all(client, docs)
     q = unit_vectors(1, dim, 9)[0]
-    result = client.search(vector=q, top_k=15, where={"g": "1"},
-                           published_after=NOW - timedelta(days=30))
+    result = client.search(
+        vector=q, top_k=15, where={"g": "1"}, published_after=NOW - timedelta(days=30)
+    )
     keep = np.array([i % 3 == 1 and ages[i] <= 30 for i in range(300)])
     sims = np.where(keep, vecs @ q, -np.inf)
     expected = [f"v{i}" for i in np.argsort(-sims)[: min(15, int(keep.sum()))]]
@@ -113,8 +122,11 @@ def test_demo_model_retrieves_by_attribute_through_the_api(client: Client) -> No
     for color in COLORS:
         for shape in SHAPES:
             hits = client.search(f"a {color} {shape}", top_k=10).hits
-            precisions.append(np.mean([h.metadata["color"] == color and h.metadata["shape"] == shape
-                                       for h in hits]))
+            precisions.append(
+                np.mean(
+                    [h.metadata["color"] == color and h.metadata["shape"] == shape for h in hits]
+                )
+            )
     assert float(np.mean(precisions)) >= 0.9, f"attribute precision@10 {np.mean(precisions):.3f}"
     # image -> text: captions describing the query scene's colour and shape come first.
     right = 0
@@ -174,3 +186,23 @@ def test_stats_report_model_and_shards(client: Client) -> None:
     assert stats.model_id == "clipsearch-demo" and stats.index_type == "Flat"
     assert len(stats.shards) == 2 and sum(s.documents for s in stats.shards) == 10
     assert sum(s.text_vectors for s in stats.shards) == 10
+
+
+def test_undecodable_request_body_is_invalid_argument(stack) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(stack.address) as channel:
+        raw = channel.unary_unary("/clipsearch.v1.SearchService/Search")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff\xff not protobuf", timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf" in err.value.details()
+
+
+def test_request_id_is_echoed_in_trailing_metadata(stack) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.v1 import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        _, call = stub.Stats.with_call(
+            admin_pb2.StatsRequest(), metadata=(("x-request-id", "abc-123"),), timeout=30
+        )
+    assert ("x-request-id", "abc-123") in tuple(call.trailing_metadata())

@@ -32,10 +32,18 @@ def _writes(n: int, seed: int = 0, prefix: str = "d") -> list[DocWrite]:
     ]
 
 
-def _brute(writes: list[DocWrite], q: np.ndarray, k: int, flt: SearchFilter | None,
-           modality: Modality = Modality.IMAGE) -> list[str]:
-    rows = [(float(w.vector(modality) @ q), w.record.id) for w in writes
-            if w.vector(modality) is not None and (flt is None or flt.matches(w.record))]
+def _brute(
+    writes: list[DocWrite],
+    q: np.ndarray,
+    k: int,
+    flt: SearchFilter | None,
+    modality: Modality = Modality.IMAGE,
+) -> list[str]:
+    rows = [
+        (float(w.vector(modality) @ q), w.record.id)
+        for w in writes
+        if w.vector(modality) is not None and (flt is None or flt.matches(w.record))
+    ]
     return [i for _, i in sorted(rows, key=lambda r: -r[0])[:k]]
 
 
@@ -72,8 +80,12 @@ def test_filtered_search_returns_k_matches_whenever_they_exist(flt: SearchFilter
 def test_filter_matching_nothing_is_empty_and_exhausted() -> None:
     shard = Shard(0, DIM)
     shard.upsert(_writes(20))
-    hits = shard.search(Modality.IMAGE, unit_vectors(1, DIM, 1)[0], 5,
-                        SearchFilter(metadata_equals=(("parity", "prime"),)))
+    hits = shard.search(
+        Modality.IMAGE,
+        unit_vectors(1, DIM, 1)[0],
+        5,
+        SearchFilter(metadata_equals=(("parity", "prime"),)),
+    )
     assert hits.records == () and hits.exhausted
 
 
@@ -92,7 +104,9 @@ def test_upsert_replaces_and_delete_is_idempotent() -> None:
     shard, writes = Shard(0, DIM), _writes(10)
     shard.upsert(writes)
     new_vec = unit_vectors(1, DIM, 99)[0]
-    shard.upsert([DocWrite(DocRecord("d3", 5.0, {"v": "2"}, "new", True, False), image_vector=new_vec)])
+    shard.upsert(
+        [DocWrite(DocRecord("d3", 5.0, {"v": "2"}, "new", True, False), image_vector=new_vec)]
+    )
     assert len(shard) == 10
     top = shard.search(Modality.IMAGE, new_vec, 1)
     assert top.records[0].id == "d3" and top.records[0].caption == "new"
@@ -109,8 +123,12 @@ def test_deleted_documents_never_match_filters() -> None:
     shard = Shard(0, DIM)
     shard.upsert(_writes(10))
     shard.delete([f"d{i}" for i in range(0, 10, 2)])
-    hits = shard.search(Modality.IMAGE, unit_vectors(1, DIM, 5)[0], 10,
-                        SearchFilter(metadata_equals=(("parity", "even"),)))
+    hits = shard.search(
+        Modality.IMAGE,
+        unit_vectors(1, DIM, 5)[0],
+        10,
+        SearchFilter(metadata_equals=(("parity", "even"),)),
+    )
     assert hits.records == ()
 
 

@@ -52,7 +52,9 @@ class PartialCaption:
     def text(self) -> str:
         words = ["a", self.size, self.color, self.shape or "shape"]
         if self.position is not None:
-            words.append("in the center" if self.position == "center" else f"at the {self.position}")
+            words.append(
+                "in the center" if self.position == "center" else f"at the {self.position}"
+            )
         if self.background is not None:
             words.append(f"on a {self.background} background")
         return " ".join(w for w in words if w)
@@ -61,7 +63,9 @@ class PartialCaption:
         return all(getattr(self, a) in (None, getattr(scene, a)) for a in ATTRIBUTES)
 
 
-def sample_caption(scene: sc.Scene, rng: np.random.Generator, p_full: float = 0.35) -> PartialCaption:
+def sample_caption(
+    scene: sc.Scene, rng: np.random.Generator, p_full: float = 0.35
+) -> PartialCaption:
     """The full caption with probability ``p_full``, else a random subset of attributes.
 
     Colour and shape are usually kept (at least one always is); size, position and
@@ -84,7 +88,9 @@ CAPTION_VIEWS: dict[str, tuple[str, ...]] = {
 }
 
 
-def view_caption(view: str, scene: sc.Scene, rng: np.random.Generator, p_full: float) -> PartialCaption:
+def view_caption(
+    view: str, scene: sc.Scene, rng: np.random.Generator, p_full: float
+) -> PartialCaption:
     """Caption of ``scene`` for one text view: ``"random"`` (:func:`sample_caption`) or a
     fixed attribute subset from :data:`CAPTION_VIEWS`."""
     if view == "random":
@@ -92,7 +98,9 @@ def view_caption(view: str, scene: sc.Scene, rng: np.random.Generator, p_full: f
     return PartialCaption(**{a: getattr(scene, a) for a in CAPTION_VIEWS[view]})
 
 
-def positives_matrix(captions: Sequence[PartialCaption], scenes: Sequence[sc.Scene]) -> torch.Tensor:
+def positives_matrix(
+    captions: Sequence[PartialCaption], scenes: Sequence[sc.Scene]
+) -> torch.Tensor:
     """``[n_text, n_image]`` bool matrix: caption ``i`` describes scene ``j``."""
     result = torch.ones(len(captions), len(scenes), dtype=torch.bool)
     for attribute in ATTRIBUTES:
@@ -115,12 +123,16 @@ def image_embeddings(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tens
     return _embedding(model.get_image_features(pixel_values=pixel_values))
 
 
-def text_embeddings(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def text_embeddings(
+    model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Projected (not normalised) text embeddings."""
     return _embedding(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
-def pixels(images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def pixels(
+    images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Fast path equal to ``CLIPImageProcessor`` for images already at the model's size."""
     array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
@@ -140,15 +152,21 @@ def clip_loss(
     logit_scale: torch.Tensor,
     positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE; ``positives[i, j]`` marks text ``i`` / image ``j`` pairs (default: diagonal)."""
+    """Symmetric InfoNCE; ``positives[i, j]`` marks text i / image j pairs (default: diagonal)."""
     image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
     text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
     logits = logit_scale.exp() * text_embeds @ image_embeds.t()
     if positives is None:
         positives = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
     targets = positives.to(logits.dtype)
-    text_to_image = -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
-    image_to_text = -(targets.t() / targets.t().sum(1, keepdim=True) * logits.t().log_softmax(dim=1)).sum(1).mean()
+    text_to_image = (
+        -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
+    )
+    image_to_text = (
+        -(targets.t() / targets.t().sum(1, keepdim=True) * logits.t().log_softmax(dim=1))
+        .sum(1)
+        .mean()
+    )
     return (text_to_image + image_to_text) / 2
 
 
@@ -172,7 +190,7 @@ class TrainConfig:
 
 
 def batch_scenes(step: int, cfg: TrainConfig) -> tuple[list[sc.Scene], list[int]]:
-    """Scenes of training batch ``step`` and their render seeds (scene-set seed ``step % 10_000``)."""
+    """Scenes of training batch ``step`` and their render seeds (scene-set seed step % 10_000)."""
     set_seed = sc.TRAIN_SEEDS[step % len(sc.TRAIN_SEEDS)]
     scenes = sc.random_scenes(cfg.batch_size, seed=set_seed)
     return scenes, [sc.render_seed(set_seed, i) for i in range(len(scenes))]
@@ -182,11 +200,17 @@ TextView = dict[str, torch.Tensor]
 
 
 def make_batch(
-    step: int, cfg: TrainConfig, tokenizer: CLIPTokenizer, mean: Sequence[float], std: Sequence[float]
+    step: int,
+    cfg: TrainConfig,
+    tokenizer: CLIPTokenizer,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> dict[str, Any]:
     """Pixels plus, per caption view, tokens and the text/image positives matrix."""
     scenes, seeds = batch_scenes(step, cfg)
-    images = [sc.render(s, cfg.image_size, seed=seed) for s, seed in zip(scenes, seeds, strict=True)]
+    images = [
+        sc.render(s, cfg.image_size, seed=seed) for s, seed in zip(scenes, seeds, strict=True)
+    ]
     rng = np.random.default_rng([step, 1])
     views: list[TextView] = []
     for view in cfg.caption_views:
@@ -200,17 +224,25 @@ def batch_loss(model: CLIPModel, batch: dict[str, Any]) -> torch.Tensor:
     """Mean over caption views of :func:`clip_loss` (images are encoded once)."""
     image = image_embeddings(model, batch["pixel_values"])
     losses = [
-        clip_loss(image, text_embeddings(model, v["input_ids"], v["attention_mask"]), model.logit_scale, v["positives"])
+        clip_loss(
+            image,
+            text_embeddings(model, v["input_ids"], v["attention_mask"]),
+            model.logit_scale,
+            v["positives"],
+        )
         for v in batch["views"]
     ]
     return torch.stack(losses).mean()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no decay on 1-D params: biases, LayerNorm, class embedding, logit_scale) + warmup/decay."""
+    """AdamW (no decay on 1-D params: biases, norms, class embedding, logit_scale), warmup/decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def factor(step: int) -> float:
@@ -262,16 +294,24 @@ def load_demo(model_dir: str | Path) -> DemoObjects:
     """Load model, tokenizer and image processor exactly as a serving process would."""
     model = CLIPModel.from_pretrained(model_dir)
     model.eval()
-    return model, CLIPTokenizer.from_pretrained(model_dir), CLIPImageProcessor.from_pretrained(model_dir)
+    return (
+        model,
+        CLIPTokenizer.from_pretrained(model_dir),
+        CLIPImageProcessor.from_pretrained(model_dir),
+    )
 
 
 @torch.no_grad()
-def encode_images(objects: DemoObjects, images: Sequence[Image.Image], batch_size: int = 128) -> torch.Tensor:
+def encode_images(
+    objects: DemoObjects, images: Sequence[Image.Image], batch_size: int = 128
+) -> torch.Tensor:
     """L2-normalised image embeddings through the real image processor."""
     model, _, processor = objects
     chunks = []
     for i in range(0, len(images), batch_size):
-        pixel_values = processor(images=list(images[i : i + batch_size]), return_tensors="pt")["pixel_values"]
+        pixel_values = processor(images=list(images[i : i + batch_size]), return_tensors="pt")[
+            "pixel_values"
+        ]
         chunks.append(image_embeddings(model, pixel_values.to(model.dtype)))
     return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
 
@@ -293,16 +333,24 @@ def attribute_precision_at_10(
     Scenes come from ``random_scenes(n_scenes, seed)`` (stratified, so with
     ``n_scenes >= 240`` every query has at least 10 relevant images and 1.0 is reachable).
     """
-    objects = load_demo(model_dir_or_objects) if isinstance(model_dir_or_objects, (str, Path)) else model_dir_or_objects
+    objects = (
+        load_demo(model_dir_or_objects)
+        if isinstance(model_dir_or_objects, (str, Path))
+        else model_dir_or_objects
+    )
     was_training = objects[0].training
     objects[0].eval()
     scenes = sc.random_scenes(n_scenes, seed)
     images = [sc.render(s, seed=sc.render_seed(seed, i)) for i, s in enumerate(scenes)]
     queries = [(c, s) for c in sc.COLORS for s in sc.SHAPES]
-    similarity = encode_texts(objects, [f"a {c} {s}" for c, s in queries]) @ encode_images(objects, images).t()
+    similarity = (
+        encode_texts(objects, [f"a {c} {s}" for c, s in queries])
+        @ encode_images(objects, images).t()
+    )
     top = similarity.topk(min(10, n_scenes), dim=1).indices
     hits = [
-        [(scenes[j].color, scenes[j].shape) == q for j in row.tolist()] for q, row in zip(queries, top, strict=True)
+        [(scenes[j].color, scenes[j].shape) == q for j in row.tolist()]
+        for q, row in zip(queries, top, strict=True)
     ]
     objects[0].train(was_training)
     return float(np.mean([sum(h) / 10 for h in hits]))

@@ -98,7 +98,9 @@ def build_and_train(
     contrastive.train(model, tokenizer, processor, cfg, log=lambda m: print(m, flush=True))
     seconds = time.perf_counter() - start
     after = contrastive.attribute_precision_at_10(objects, eval_scenes, scenes.HELDOUT_SEED)
-    print(f"held-out attribute precision@10 after training: {after:.4f} ({seconds:.0f}s)", flush=True)
+    print(
+        f"held-out attribute precision@10 after training: {after:.4f} ({seconds:.0f}s)", flush=True
+    )
     metrics = {
         "seed": seed,
         "steps": cfg.steps,

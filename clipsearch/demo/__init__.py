@@ -1,1 +1,1 @@
-"""Generated demo data (coloured-shape scenes) and the tiny CLIP demo model shipped in ``model/``."""
+"""Generated demo data (coloured-shape scenes) and the tiny CLIP demo model in ``model/``."""

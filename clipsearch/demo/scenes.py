@@ -118,7 +118,9 @@ def _jittered_rgb(name: str, rng: np.random.Generator | None, amount: int) -> tu
     return (r, g, b)
 
 
-def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+def _polygon(
+    shape: str, cx: float, cy: float, radius: float, angle: float
+) -> list[tuple[float, float]]:
     """Vertices of a regular square / triangle / 5-point star around (cx, cy)."""
     if shape == "square":
         corners = [(math.pi / 4 + k * math.pi / 2, radius) for k in range(4)]
@@ -127,7 +129,10 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
         cy += radius * 0.15
         corners = [(-math.pi / 2 + k * 2 * math.pi / 3, radius * 1.1) for k in range(3)]
     elif shape == "star":
-        corners = [(-math.pi / 2 + k * math.pi / 5, radius * (1.0 if k % 2 == 0 else 0.45)) for k in range(10)]
+        corners = [
+            (-math.pi / 2 + k * math.pi / 5, radius * (1.0 if k % 2 == 0 else 0.45))
+            for k in range(10)
+        ]
     else:
         raise ValueError(f"not a polygon shape: {shape!r}")
     return [(cx + r * math.cos(a + angle), cy + r * math.sin(a + angle)) for a, r in corners]
@@ -136,7 +141,11 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
 def render(scene: Scene, size: int = 64, seed: int | None = None) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image; ``seed`` adds small jitter."""
     rng = np.random.default_rng(seed) if seed is not None else None
-    jitter = (lambda scale: float(rng.uniform(-scale, scale))) if rng is not None else (lambda scale: 0.0)
+    jitter = (
+        (lambda scale: float(rng.uniform(-scale, scale)))
+        if rng is not None
+        else (lambda scale: 0.0)
+    )
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), _jittered_rgb(scene.background, rng, 10))
     draw = ImageDraw.Draw(image)
