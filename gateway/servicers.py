@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grpc
+import numpy as np
 
 from clipsearch.v1 import (
     admin_pb2,
@@ -68,11 +70,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self._check.encode_batch(len(request.texts), "texts")
         texts = [self._check.text(t, f"texts[{n}]") for n, t in enumerate(request.texts)]
         vecs = await self._encoder.encode_texts(texts)
-        return encoder_pb2.EncodeTextResponse(
-            embeddings=convert.vectors(vecs),
-            model_id=self._encoder.model_id,
-            dimension=self._encoder.dim,
-        )
+        return encoder_pb2.EncodeTextResponse(**self._reply_fields(vecs))
 
     async def EncodeImage(  # noqa: N802
         self, request: encoder_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext
@@ -80,11 +78,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self._check.encode_batch(len(request.images), "images")
         images = [self._check.image(b, f"images[{n}]") for n, b in enumerate(request.images)]
         vecs = await self._encoder.encode_images(images)
-        return encoder_pb2.EncodeImageResponse(
-            embeddings=convert.vectors(vecs),
-            model_id=self._encoder.model_id,
-            dimension=self._encoder.dim,
-        )
+        return encoder_pb2.EncodeImageResponse(**self._reply_fields(vecs))
+
+    def _reply_fields(self, vecs: np.ndarray) -> dict[str, Any]:
+        return {
+            "embeddings": convert.vectors(vecs),
+            "model_id": self._encoder.model_id,
+            "dimension": self._encoder.dim,
+        }
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
