@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +57,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--model", default="demo")
     args = ap.parse_args()
-    settings = load_settings(gateway={"port": 0}, demo_corpus=0, encoder={"model": args.model})
+    data_dir = tempfile.mkdtemp(prefix="csbench-")
+    settings = load_settings(
+        gateway={"port": 0}, demo_corpus=0, encoder={"model": args.model}, data_dir=data_dir
+    )
     init_ray(settings)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

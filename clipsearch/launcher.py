@@ -83,7 +83,13 @@ async def start_stack(settings: Settings) -> Stack:
     handle = await asyncio.to_thread(serve.run, app, name=ENCODER_APP, route_prefix=None)
     info = await handle.info.remote()
     actors = await asyncio.to_thread(
-        start_shards, settings.index.shards, info["dim"], settings.index.factory, SHARD_PREFIX
+        start_shards,
+        settings.index.shards,
+        info["dim"],
+        settings.index.factory,
+        str(settings.data_dir.resolve()),
+        info["model_id"],
+        SHARD_PREFIX,
     )
     coordinator = Coordinator(
         RayEncoder(handle, info["model_id"], info["dim"]),
@@ -91,7 +97,8 @@ async def start_stack(settings: Settings) -> Stack:
     )
     server, port, health = await create_server(coordinator, settings)
     stack = Stack(settings, port, server, health, coordinator, actors)
-    if settings.demo_corpus:
+    stored = sum(s.documents for s in await coordinator.stats())
+    if settings.demo_corpus and stored == 0:
         await load_demo_corpus(stack, settings.demo_corpus)
     return stack
 

@@ -86,7 +86,10 @@ class Settings(BaseSettings):
         env_prefix="CLIPSEARCH_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    data_dir: Path = Field(Path("clipsearch-data"), description="Where state is kept.")
+    data_dir: Path = Field(
+        Path("clipsearch-data"),
+        description="Where state is kept: one folder per shard with its write-ahead log.",
+    )
     demo_corpus: int = Field(
         600, ge=0, description="Generated demo documents loaded at start when the index is empty."
     )

@@ -76,7 +76,8 @@ def running_stack(ray_cluster: None) -> Iterator[RunningStack]:
     from clipsearch.launcher import start_stack
     from clipsearch.settings import load_settings
 
-    settings = load_settings(gateway={"port": 0}, demo_corpus=0)
+    data_dir = tempfile.mkdtemp(prefix="csdata-")
+    settings = load_settings(gateway={"port": 0}, demo_corpus=0, data_dir=data_dir)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="gateway-loop")
     thread.start()
@@ -86,6 +87,7 @@ def running_stack(ray_cluster: None) -> Iterator[RunningStack]:
     running.run(running.stack.stop(), timeout=120)  # type: ignore[attr-defined]
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=10)
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture

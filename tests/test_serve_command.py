@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clipsearch.client import Client
+from clipsearch.client import Client, Document
 
 pytestmark = pytest.mark.integration
 
@@ -36,26 +36,47 @@ def _wait_for_ready(proc: subprocess.Popen[str], timeout_s: float) -> str:
     raise AssertionError("server never became ready:\n" + "".join(seen[-40:]))
 
 
-def test_serve_starts_answers_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_DATA_DIR": str(tmp_path)}
-    proc = subprocess.Popen(
+def _serve(data_dir: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_DATA_DIR": str(data_dir)}
+    return subprocess.Popen(
         [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0", "--demo-corpus", "120"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=data_dir,
     )
-    try:
-        address = _wait_for_ready(proc, timeout_s=240)
-        with Client(address, timeout=60) as client:
-            assert client.stats().total_documents == 120
-            hits = client.search("a red circle", top_k=5).hits
-            assert all(h.metadata["color"] == "red" for h in hits[:3])
-            assert all(h.publish_time.year >= 2026 for h in hits)
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+    try:
+        return proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_answers_stops_cleanly_and_restarts_with_its_writes(tmp_path: Path) -> None:
+    proc = _serve(tmp_path)
+    try:
+        with Client(_wait_for_ready(proc, timeout_s=240), timeout=60) as client:
+            assert client.stats().total_documents == 120
+            hits = client.search("a red circle", top_k=5).hits
+            assert all(h.metadata["color"] == "red" for h in hits[:3])
+            assert all(h.publish_time.year >= 2026 for h in hits)
+            client.upsert([Document("mine", text="a tiny green star", metadata={"k": "v"})])
+            client.delete(["demo-00000"])
+    finally:
+        assert _stop(proc) == 0
+    proc = _serve(tmp_path)  # same data dir: the log brings back every acknowledged write
+    try:
+        with Client(_wait_for_ready(proc, timeout_s=240), timeout=60) as client:
+            assert client.stats().total_documents == 120  # demo corpus not loaded twice
+            (mine,) = client.get(["mine"])
+            assert mine.caption == "a tiny green star" and mine.metadata == {"k": "v"}
+            assert client.get(["demo-00000"], allow_missing=True) == []
+    finally:
+        assert _stop(proc) == 0

@@ -206,3 +206,33 @@ def test_request_id_is_echoed_in_trailing_metadata(stack) -> None:  # type: igno
             admin_pb2.StatsRequest(), metadata=(("x-request-id", "abc-123"),), timeout=30
         )
     assert ("x-request-id", "abc-123") in tuple(call.trailing_metadata())
+
+
+def test_killed_shard_is_restarted_with_every_acknowledged_write(client: Client, stack) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import time
+
+    import ray
+
+    dim = _dim(client)
+    docs, vecs, _ = _vector_docs(200, dim, seed=11)
+    _upsert_all(client, docs)
+    client.delete(["v0", "v1"])
+    before = client.search(vector=vecs[5], top_k=10).ids
+    for actor in stack.stack.shard_actors:
+        os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+    deadline, statuses = time.monotonic() + 120, []
+    while time.monotonic() < deadline:
+        try:
+            after = client.search(vector=vecs[5], top_k=10).ids
+            break
+        except grpc.RpcError as exc:  # UNAVAILABLE while Ray restarts the actors
+            statuses.append(exc.code())
+            time.sleep(0.5)
+    else:
+        raise AssertionError(f"shards never came back: {statuses[-3:]}")
+    assert set(statuses) <= {grpc.StatusCode.UNAVAILABLE}
+    assert after == before
+    assert client.stats().total_documents == 198
+    assert client.get(["v0", "v1", "v2"], allow_missing=True)[0].id == "v2"
