@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import threading
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
+import ray
 
 from clipsearch.client import Client, Document
 from clipsearch.launcher import init_ray, start_stack
@@ -61,7 +63,7 @@ def main() -> None:
     settings = load_settings(
         gateway={"port": 0}, demo_corpus=0, encoder={"model": args.model}, data_dir=data_dir
     )
-    init_ray(settings)
+    ray_temp = init_ray(settings)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     stack = asyncio.run_coroutine_threadsafe(start_stack(settings), loop).result(600)
@@ -94,6 +96,10 @@ def main() -> None:
     print(_row("text search", served_txt, raw_txt))
     client.close()
     asyncio.run_coroutine_threadsafe(stack.stop(), loop).result(120)
+    ray.shutdown()
+    for path in (ray_temp, data_dir):
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

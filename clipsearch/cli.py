@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -87,7 +88,7 @@ async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
     from clipsearch.launcher import init_ray, start_stack
 
     started = time.perf_counter()
-    init_ray(settings)
+    ray_temp = init_ray(settings)
     stack = await start_stack(settings)
     stats = await stack.coordinator.stats()
     print(
@@ -111,6 +112,8 @@ async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
     import ray
 
     ray.shutdown()
+    if ray_temp:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def _commands() -> dict[str, str]:

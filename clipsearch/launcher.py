@@ -48,15 +48,19 @@ class Stack:
             ray.kill(actor)
 
 
-def init_ray(settings: Settings) -> None:
-    """Start an embedded Ray runtime (no dashboard) unless one is already running."""
+def init_ray(settings: Settings) -> str | None:
+    """Start an embedded Ray runtime (no dashboard) unless one is already running.
+
+    Returns Ray's temp directory when this call started Ray (the caller removes it after
+    `ray.shutdown()`), else None.
+    """
     # Serve's router asks replicas for their queue length with a 0.1 s deadline and warns on
     # every miss; on a busy 2-core machine that floods the log while the demo corpus loads.
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     temp_dir = tempfile.mkdtemp(prefix="csray-", dir="/tmp")  # short: unix socket path limit
     ray.init(
         include_dashboard=False,
@@ -66,6 +70,7 @@ def init_ray(settings: Settings) -> None:
         logging_level="WARNING",
         log_to_driver=False,
     )
+    return temp_dir
 
 
 async def start_stack(settings: Settings) -> Stack:
