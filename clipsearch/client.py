@@ -48,6 +48,8 @@ class SearchResult:
     shards_total: int
     reference_time: datetime
     timings_ms: dict[str, float]
+    partial: bool = False
+    missing_shards: tuple[int, ...] = ()
 
     @property
     def ids(self) -> list[str]:
@@ -132,9 +134,12 @@ class Client:
         published_before: TimeLike | None = None,
         decay_per_day: float = 0.0,
         reference_time: TimeLike | None = None,
+        allow_partial: bool = False,
     ) -> SearchResult:
         """Nearest documents to one query (text, image bytes or vector) in `target` space."""
-        req = search_pb2.SearchRequest(top_k=top_k, target=_TARGETS[target])
+        req = search_pb2.SearchRequest(
+            top_k=top_k, target=_TARGETS[target], allow_partial=allow_partial
+        )
         if text is not None:
             req.text = text
         if image is not None:
@@ -245,6 +250,8 @@ def _search_result(resp: search_pb2.SearchResponse) -> SearchResult:
             "merge": t.merge_ms,
             "total": t.total_ms,
         },
+        partial=resp.partial,
+        missing_shards=tuple(resp.missing_shards),
     )
 
 

@@ -42,7 +42,14 @@ class Validator:
         if target is None:
             raise InvalidArgument(f"target: unknown modality {req.target}")
         flt = self._filter(req.filter) if req.HasField("filter") else None
-        common = dict(target=target, top_k=top_k, flt=flt, alpha=alpha, reference_time=ref)
+        common = dict(
+            target=target,
+            top_k=top_k,
+            flt=flt,
+            alpha=alpha,
+            reference_time=ref,
+            allow_partial=req.allow_partial,
+        )
         if kind == "text":
             return SearchQuery(text=self.text(req.text, "text"), **common)  # type: ignore[arg-type]
         if kind == "image":
@@ -238,6 +245,8 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
         ),
         candidates_examined=outcome.candidates,
         shards_answered=outcome.shards_answered,
+        partial=bool(outcome.missing_shards),
+        missing_shards=outcome.missing_shards,
         shards_total=outcome.shards_total,
         timings=search_pb2.Timings(
             encode_ms=t.get("encode", 0.0),

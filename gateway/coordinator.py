@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.errors import NotFound
+from clipsearch.errors import NotFound, Unavailable
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
 from gateway.backends import EncoderBackend, ShardBackend
 from gateway.ranking import RankedHit, candidate_count, is_exact, rank, unseen_bound
@@ -36,6 +36,7 @@ class SearchQuery:
     flt: SearchFilter | None = None
     alpha: float = 0.0
     reference_time: float = 0.0
+    allow_partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class SearchOutcome:
     candidates: int
     shards_answered: int
     shards_total: int
+    missing_shards: tuple[int, ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -73,8 +75,10 @@ class Coordinator:
         vector = await self._query_vector(q)
         t1 = time.perf_counter()
         fetch = q.top_k * (_RECENCY_OVERFETCH if q.alpha > 0 else 1)
+        missing: set[int] = set()
         while True:
-            answers = await self._fan_out(q, vector, fetch)
+            answers, gone = await self._fan_out(q, vector, fetch)
+            missing |= gone
             t2 = time.perf_counter()
             top = rank(answers, q.top_k, q.alpha, q.reference_time)
             bound = unseen_bound(answers)
@@ -88,6 +92,7 @@ class Coordinator:
             candidates=candidate_count(answers),
             shards_answered=len(answers),
             shards_total=len(self.shards),
+            missing_shards=tuple(sorted(missing)),
             timings_ms={k: v * 1000.0 for k, v in timings.items()},
         )
 
@@ -132,9 +137,21 @@ class Coordinator:
         assert q.image is not None  # guaranteed by validation
         return (await self.encoder.encode_images([q.image]))[0]
 
-    async def _fan_out(self, q: SearchQuery, vector: np.ndarray, k: int) -> list[ShardHits]:
+    async def _fan_out(
+        self, q: SearchQuery, vector: np.ndarray, k: int
+    ) -> tuple[list[ShardHits], set[int]]:
+        """Every shard's answer; unavailable shards are skipped only if the query allows."""
         calls = (s.search(q.target, vector, k, q.flt) for s in self.shards)
-        return list(await asyncio.gather(*calls))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        answers, missing = [], set()
+        for shard_id, result in enumerate(results):
+            if isinstance(result, Unavailable) and q.allow_partial:
+                missing.add(shard_id)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answers.append(result)
+        return answers, missing
 
     async def _encode_items(self, items: Sequence[UpsertItem]) -> list[DocWrite]:
         texts = [i.text for i in items if i.text is not None]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from clipsearch.errors import NotFound
-from clipsearch.types import DocRecord, Modality, SearchFilter
+from clipsearch.errors import NotFound, Unavailable
+from clipsearch.types import DocRecord, Modality, SearchFilter, ShardHits
 from gateway.coordinator import Coordinator, SearchQuery, UpsertItem
 from index_service.shard import Shard
 from tests.fakes import HashEncoder, LocalShard, unit_vectors
@@ -119,3 +119,25 @@ async def test_text_and_image_queries_are_encoded() -> None:
     out = await coord.search(SearchQuery(Modality.TEXT, 1, text="a red circle"))
     assert out.hits[0].record.id == "t"
     assert out.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+class DownShard(LocalShard):
+    """A shard that cannot be reached."""
+
+    async def search(self, *args: object) -> ShardHits:  # type: ignore[override]
+        raise Unavailable("shard 1 is unavailable; retry shortly")
+
+
+async def test_a_down_shard_fails_the_search_unless_partial_results_are_allowed() -> None:
+    items = _items(300, seed=12)
+    shards = [LocalShard(Shard(i, DIM)) for i in range(3)]
+    coord = Coordinator(HashEncoder(DIM), shards)
+    await coord.upsert(items)
+    down = Coordinator(HashEncoder(DIM), [shards[0], DownShard(shards[1].shard), shards[2]])
+    qv = unit_vectors(1, DIM, 8)[0]
+    with pytest.raises(Unavailable):
+        await down.search(SearchQuery(Modality.IMAGE, 10, vector=qv))
+    out = await down.search(SearchQuery(Modality.IMAGE, 10, vector=qv, allow_partial=True))
+    alive = [it for it in items if shards[1].shard.get([it.record.id])[0] is None]
+    assert [h.record.id for h in out.hits] == [i for i, _ in _reference(alive, qv, 10, 0.0)]
+    assert out.missing_shards == (1,) and (out.shards_answered, out.shards_total) == (2, 3)

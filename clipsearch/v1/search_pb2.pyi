@@ -34,7 +34,7 @@ class Recency(_message.Message):
     def __init__(self, decay_per_day: _Optional[float] = ..., reference_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "image", "vector", "target", "top_k", "filter", "recency")
+    __slots__ = ("text", "image", "vector", "target", "top_k", "filter", "recency", "allow_partial")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class SearchRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     RECENCY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     text: str
     image: bytes
     vector: _common_pb2.Vector
@@ -49,7 +50,8 @@ class SearchRequest(_message.Message):
     top_k: int
     filter: Filter
     recency: Recency
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.Modality, str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ...) -> None: ...
+    allow_partial: bool
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.Modality, str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "similarity", "decay", "score", "publish_time", "metadata", "caption")
@@ -89,20 +91,24 @@ class Timings(_message.Message):
     def __init__(self, encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., merge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "recency", "candidates_examined", "shards_answered", "shards_total", "timings")
+    __slots__ = ("hits", "recency", "candidates_examined", "shards_answered", "shards_total", "timings", "partial", "missing_shards")
     HITS_FIELD_NUMBER: _ClassVar[int]
     RECENCY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_EXAMINED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     recency: Recency
     candidates_examined: int
     shards_answered: int
     shards_total: int
     timings: Timings
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., candidates_examined: _Optional[int] = ..., shards_answered: _Optional[int] = ..., shards_total: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    partial: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., candidates_examined: _Optional[int] = ..., shards_answered: _Optional[int] = ..., shards_total: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpsertDocument(_message.Message):
     __slots__ = ("id", "image", "text", "image_vector", "text_vector", "publish_time", "metadata", "caption")
