@@ -33,10 +33,11 @@ serve: install
 test: install
 	$(RUN) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-## Lint and format check (ruff; generated stubs excluded).
+## Lint, format and type checks (ruff, mypy; generated stubs excluded).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(RUN) -m mypy clipsearch gateway index_service encoder_service training
 
 ## Everything, slow scenarios included.
 test-all: install

@@ -67,7 +67,7 @@ def init_ray(settings: Settings) -> str | None:
         address="local",
         namespace="clipsearch",
         _temp_dir=temp_dir,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         log_to_driver=False,
     )
     return temp_dir

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -64,9 +65,9 @@ class Validator:
         self._distinct([i.record.id for i in items], "documents")
         return items
 
-    def ids(self, ids: list[str] | object, field: str = "ids") -> list[str]:
+    def ids(self, ids: Iterable[str], field: str = "ids") -> list[str]:
         """A validated list of document ids."""
-        id_list = list(ids)  # type: ignore[call-overload]
+        id_list = list(ids)
         self._count(len(id_list), self.limits.max_ids_per_call, field)
         return [self.doc_id(i, f"{field}[{n}]") for n, i in enumerate(id_list)]
 

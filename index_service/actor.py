@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -110,7 +111,7 @@ def start_shards(
     n: int, dim: int, factory: str, data_dir: str, model_id: str, name_prefix: str
 ) -> list:
     """Start `n` shard actors (restarted by Ray after a crash) and wait until recovered."""
-    remote_cls = ray.remote(num_cpus=0, max_restarts=-1)(ShardActor)
+    remote_cls: Any = ray.remote(num_cpus=0, max_restarts=-1)(ShardActor)
     actors = [
         remote_cls.options(name=f"{name_prefix}-{i}").remote(i, dim, factory, data_dir, model_id)
         for i in range(n)

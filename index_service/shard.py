@@ -78,7 +78,7 @@ class Shard:
             return _EMPTY
         params = None
         if candidates is not None:
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(candidates))
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(candidates))  # type: ignore[call-arg]
         k_eff = min(k, n_candidates)
         sims, labels = index.search(self._as_query(query), k_eff, params=params)
         keep = labels[0] >= 0
@@ -103,8 +103,11 @@ class Shard:
     def _add_vectors(
         self, modality: Modality, labels: np.ndarray, writes: Sequence[DocWrite]
     ) -> None:
-        rows = [(lb, w.vector(modality)) for lb, w in zip(labels, writes, strict=True)]
-        rows = [(lb, v) for lb, v in rows if v is not None]
+        rows: list[tuple[int, np.ndarray]] = [
+            (lb, v)
+            for lb, w in zip(labels.tolist(), writes, strict=True)
+            if (v := w.vector(modality)) is not None
+        ]
         if not rows:
             return
         vectors = np.stack([v for _, v in rows]).astype(np.float32, copy=False)

@@ -134,7 +134,8 @@ def pixels(
     images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """Fast path equal to ``CLIPImageProcessor`` for images already at the model's size."""
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
+    array: np.ndarray = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    array = array / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(array.transpose(0, 3, 1, 2).copy())
 

@@ -134,7 +134,7 @@ def build_tokenizer() -> CLIPTokenizer:
     vocab, merges = build_vocab_and_merges()
     return CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # the stub says list[str]; pairs work
         unk_token=EOS_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,

@@ -89,7 +89,9 @@ def random_scenes(n: int, seed: int) -> list[Scene]:
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLORS for s in SHAPES]
     reps = -(-n // len(combos)) if n > 0 else 0
-    pool = np.concatenate([rng.permutation(len(combos)) for _ in range(reps)])[:n] if reps else []
+    pool: np.ndarray | list[int] = (
+        np.concatenate([rng.permutation(len(combos)) for _ in range(reps)])[:n] if reps else []
+    )
     scenes = []
     for combo_index in rng.permutation(np.asarray(pool, dtype=np.int64)):
         color, shape = combos[int(combo_index)]
