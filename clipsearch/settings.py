@@ -38,6 +38,12 @@ class EncoderSettings(_Group):
         description="Requests one replica accepts at once. Must be >= max_batch_size, or "
         "batches can never fill (Ray Serve's default of 5 would cap them at 5).",
     )
+    max_queued_requests: int = Field(
+        1024,
+        ge=1,
+        description="Requests waiting for a free replica slot; past it a call fails fast "
+        "with RESOURCE_EXHAUSTED instead of queueing without bound.",
+    )
     replicas: int = Field(1, ge=1, description="Encoder replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica.")

@@ -74,6 +74,7 @@ def build_encoder_app(encoder: EncoderSettings, limits: LimitSettings) -> Applic
     deployment = EncoderDeployment.options(  # type: ignore[attr-defined]
         num_replicas=encoder.replicas,
         max_ongoing_requests=encoder.max_ongoing_requests,
+        max_queued_requests=encoder.max_queued_requests,
         ray_actor_options={
             "num_cpus": encoder.num_cpus,
             "num_gpus": encoder.num_gpus,

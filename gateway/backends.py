@@ -12,8 +12,9 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from ray import exceptions as ray_errors
+from ray.serve import exceptions as serve_errors
 
-from clipsearch.errors import ClipsearchError, Unavailable
+from clipsearch.errors import ClipsearchError, ResourceExhausted, Unavailable
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
 
 T = TypeVar("T")
@@ -59,7 +60,13 @@ async def call_remote(awaitable: Awaitable[T], what: str) -> T:
         if isinstance(cause, ClipsearchError):
             raise type(cause)(str(cause)) from exc
         raise
-    except (ray_errors.RayActorError, ray_errors.ActorUnavailableError) as exc:
+    except serve_errors.BackPressureError as exc:
+        raise ResourceExhausted(f"{what} is overloaded; retry with backoff") from exc
+    except (
+        ray_errors.RayActorError,
+        ray_errors.ActorUnavailableError,
+        serve_errors.DeploymentUnavailableError,
+    ) as exc:
         raise Unavailable(f"{what} is unavailable; retry shortly") from exc
 
 

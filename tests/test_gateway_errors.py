@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+from ray.serve.exceptions import BackPressureError, DeploymentID, DeploymentUnavailableError
 
-from clipsearch.errors import Unavailable
+from clipsearch.errors import ResourceExhausted, Unavailable
 from clipsearch.settings import load_settings
 from clipsearch.v1 import search_pb2, search_pb2_grpc
+from gateway.backends import call_remote
 from gateway.coordinator import Coordinator
 from gateway.server import create_server
 from index_service.shard import Shard
@@ -69,3 +71,19 @@ async def test_working_shard_answers_over_the_same_plumbing() -> None:
             search_pb2.SearchRequest(text="a red circle", top_k=3, target=2), timeout=10
         )
         assert [h.id for h in resp.hits] == ["a"] and resp.hits[0].similarity == pytest.approx(1)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (BackPressureError(num_queued_requests=9, max_queued_requests=8), ResourceExhausted),
+        (DeploymentUnavailableError(DeploymentID("encoder", "app")), Unavailable),
+    ],
+)
+async def test_ray_failures_become_domain_errors(exc: BaseException, expected: type) -> None:
+    with pytest.raises(expected, match="the encoder"):
+        await call_remote(_raise(exc), "the encoder")
