@@ -197,7 +197,10 @@ def to_timestamp(value: TimeLike) -> Timestamp:
         else float(value)
     )
     whole = math.floor(seconds)
-    return Timestamp(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos == 1_000_000_000:  # rounding reached the next second
+        whole, nanos = whole + 1, 0
+    return Timestamp(seconds=int(whole), nanos=int(nanos))
 
 
 def _datetime(ts: Timestamp) -> datetime:

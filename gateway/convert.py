@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipsearch.client import to_timestamp as timestamp
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import LimitSettings
 from clipsearch.types import DocRecord, Modality, SearchFilter
@@ -202,14 +203,6 @@ class Validator:
 
 def _seconds(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos * 1e-9
-
-
-def timestamp(seconds: float) -> Timestamp:
-    """A Timestamp for POSIX seconds."""
-    ts = Timestamp()
-    whole = math.floor(seconds)
-    ts.seconds, ts.nanos = int(whole), int(round((seconds - whole) * 1e9)) % 1_000_000_000
-    return ts
 
 
 def document(record: DocRecord) -> common_pb2.Document:

@@ -84,6 +84,6 @@ def test_upsert_defaults_publish_time_to_now_and_keeps_caption() -> None:
 
 
 def test_timestamps_round_trip() -> None:
-    for seconds in (0.0, 1_700_000_000.25, 1.999999999):
+    for seconds in (0.0, 1_700_000_000.25, 1.999999999, 1.9999999999, -0.5):
         ts = timestamp(seconds)
         assert abs(ts.seconds + ts.nanos / 1e9 - seconds) < 1e-6
