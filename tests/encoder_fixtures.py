@@ -47,6 +47,19 @@ def _tower_sizes() -> dict[str, int]:
     }
 
 
+def _tower_configs(tokenizer: CLIPTokenizer) -> tuple[dict[str, int], dict[str, int]]:
+    """Text and vision tower configs shared by the tiny CLIP and SigLIP checkpoints."""
+    text_config = {
+        **_tower_sizes(),
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": TINY_CONTEXT,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return text_config, {**_tower_sizes(), "image_size": TINY_IMAGE_SIZE, "patch_size": 8}
+
+
 def make_tiny_clip(dir: Path, dim: int = 32, *, seed: int = 0) -> Path:
     """Write a tiny random CLIPModel checkpoint with tokenizer and image processor.
 
@@ -59,15 +72,7 @@ def make_tiny_clip(dir: Path, dim: int = 32, *, seed: int = 0) -> Path:
         `dir`, loadable with `ClipEncoder(str(dir))`.
     """
     tokenizer = make_tiny_tokenizer()
-    text_config = {
-        **_tower_sizes(),
-        "vocab_size": len(tokenizer),
-        "max_position_embeddings": TINY_CONTEXT,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {**_tower_sizes(), "image_size": TINY_IMAGE_SIZE, "patch_size": 8}
+    text_config, vision_config = _tower_configs(tokenizer)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=dim)
     torch.manual_seed(seed)
     processor = CLIPImageProcessorPil(
@@ -83,15 +88,7 @@ def make_tiny_siglip(dir: Path, *, seed: int = 0) -> Path:
     SigLIP has no projection: the embedding dimension is the towers' hidden size (64).
     """
     tokenizer = make_tiny_tokenizer()
-    text_config = {
-        **_tower_sizes(),
-        "vocab_size": len(tokenizer),
-        "max_position_embeddings": TINY_CONTEXT,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {**_tower_sizes(), "image_size": TINY_IMAGE_SIZE, "patch_size": 8}
+    text_config, vision_config = _tower_configs(tokenizer)
     config = SiglipConfig(text_config=text_config, vision_config=vision_config)
     torch.manual_seed(seed)
     processor = SiglipImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
