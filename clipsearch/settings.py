@@ -26,7 +26,11 @@ class EncoderSettings(_Group):
 
     model: str = Field(DEMO_MODEL, description="Hub id, local directory, or 'demo' (bundled).")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision.")
+    dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32",
+        description="Inference precision: fp32; bf16 (CPU or GPU); fp16 (GPU only); int8 = "
+        "dynamic quantisation of the linear layers (CPU only).",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the model sees.")
     batch_wait_timeout_s: float = Field(
@@ -47,13 +51,54 @@ class EncoderSettings(_Group):
     replicas: int = Field(1, ge=1, description="Encoder replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica.")
+    prompt_template: str = Field(
+        "{}", description='Default template for text queries, e.g. "a photo of {}".'
+    )
+    long_text: Literal["truncate", "sliding_window", "reject"] = Field(
+        "truncate", description="What to do with texts longer than the model's context."
+    )
+    sliding_window_stride: int = Field(
+        0,
+        ge=0,
+        description="sliding_window: tokens between window starts; 0 = half the window. "
+        "The last window always reaches the end of the text.",
+    )
+    multiscale_sizes: tuple[int, ...] = Field(
+        (),
+        description="Extra image resolutions (e.g. [336]) whose embeddings are averaged with "
+        "the model-resolution one and re-normalised. Empty: off.",
+    )
+    cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Embedding cache capacity in bytes; 0 disables it."
+    )
 
 
 class IndexSettings(_Group):
     """The Faiss shard actors."""
 
     shards: int = Field(2, ge=1, le=256, description="Number of shard actors.")
-    factory: str = Field("Flat", description="Faiss index factory string, inner-product metric.")
+    factory: str = Field(
+        "Flat",
+        description="Faiss index factory string, inner-product metric: Flat, IVF{n},Flat, "
+        "HNSW{M}, IVF{n},PQ{m}, IVF{n},PQ{m}x4fs, IVF{n},RaBitQ, IVF{n},SQ8. A shard starts "
+        "exact and switches to this type in the background once it can be trained.",
+    )
+    train_min_vectors: int = Field(
+        0,
+        ge=0,
+        description="Vectors a modality index must hold before the configured ANN type is "
+        "trained; 0 = automatic (enough for the type's centroids / codebooks).",
+    )
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="recall@k the search-parameter tuner aims for."
+    )
+    tune_k: int = Field(10, ge=1, le=1000, description="k at which the tuner measures recall.")
+    snapshot_every: int = Field(
+        10_000, ge=1, description="Log records after which a shard writes a new snapshot."
+    )
+    use_gpu: bool = Field(
+        False, description="Move exact and IVF indexes to the GPU (needs faiss-gpu and a GPU)."
+    )
 
 
 class LimitSettings(_Group):

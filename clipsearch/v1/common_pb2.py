@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipsearch/v1/common.proto\x12\rclipsearch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"_\n\tTimeRange\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.clipsearch.v1.Document.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x04 \x01(\t\x12\x11\n\thas_image\x18\x05 \x01(\x08\x12\x10\n\x08has_text\x18\x06 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipsearch/v1/common.proto\x12\rclipsearch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"_\n\tTimeRange\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.clipsearch.v1.Document.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x04 \x01(\t\x12\x11\n\thas_image\x18\x05 \x01(\x08\x12\x10\n\x08has_text\x18\x06 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0bTextOptions\x12\x1c\n\x0fprompt_template\x18\x01 \x01(\tH\x00\x88\x01\x01\x12*\n\tlong_text\x18\x02 \x01(\x0e\x32\x17.clipsearch.v1.LongTextB\x12\n\x10_prompt_template*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02*q\n\x08LongText\x12\x19\n\x15LONG_TEXT_UNSPECIFIED\x10\x00\x12\x16\n\x12LONG_TEXT_TRUNCATE\x10\x01\x12\x1c\n\x18LONG_TEXT_SLIDING_WINDOW\x10\x02\x12\x14\n\x10LONG_TEXT_REJECT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_MODALITY']._serialized_start=436
-  _globals['_MODALITY']._serialized_end=511
+  _globals['_MODALITY']._serialized_start=545
+  _globals['_MODALITY']._serialized_end=620
+  _globals['_LONGTEXT']._serialized_start=622
+  _globals['_LONGTEXT']._serialized_end=735
   _globals['_VECTOR']._serialized_start=78
   _globals['_VECTOR']._serialized_end=102
   _globals['_TIMERANGE']._serialized_start=104
@@ -44,4 +46,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT']._serialized_end=434
   _globals['_DOCUMENT_METADATAENTRY']._serialized_start=387
   _globals['_DOCUMENT_METADATAENTRY']._serialized_end=434
+  _globals['_TEXTOPTIONS']._serialized_start=436
+  _globals['_TEXTOPTIONS']._serialized_end=543
 # @@protoc_insertion_point(module_scope)

@@ -15,9 +15,20 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_UNSPECIFIED: _ClassVar[Modality]
     MODALITY_IMAGE: _ClassVar[Modality]
     MODALITY_TEXT: _ClassVar[Modality]
+
+class LongText(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_TEXT_UNSPECIFIED: _ClassVar[LongText]
+    LONG_TEXT_TRUNCATE: _ClassVar[LongText]
+    LONG_TEXT_SLIDING_WINDOW: _ClassVar[LongText]
+    LONG_TEXT_REJECT: _ClassVar[LongText]
 MODALITY_UNSPECIFIED: Modality
 MODALITY_IMAGE: Modality
 MODALITY_TEXT: Modality
+LONG_TEXT_UNSPECIFIED: LongText
+LONG_TEXT_TRUNCATE: LongText
+LONG_TEXT_SLIDING_WINDOW: LongText
+LONG_TEXT_REJECT: LongText
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -55,3 +66,11 @@ class Document(_message.Message):
     has_image: bool
     has_text: bool
     def __init__(self, id: _Optional[str] = ..., publish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., caption: _Optional[str] = ..., has_image: _Optional[bool] = ..., has_text: _Optional[bool] = ...) -> None: ...
+
+class TextOptions(_message.Message):
+    __slots__ = ("prompt_template", "long_text")
+    PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LONG_TEXT_FIELD_NUMBER: _ClassVar[int]
+    prompt_template: str
+    long_text: LongText
+    def __init__(self, prompt_template: _Optional[str] = ..., long_text: _Optional[_Union[LongText, str]] = ...) -> None: ...

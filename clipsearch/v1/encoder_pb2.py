@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clipsearch.v1 import common_pb2 as clipsearch_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lipsearch/v1/encoder.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"d\n\x12\x45ncodeTextResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.clipsearch.v1.Vector\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\"$\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"e\n\x13\x45ncodeImageResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.clipsearch.v1.Vector\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r2\xb9\x01\n\x0e\x45ncoderService\x12Q\n\nEncodeText\x12 .clipsearch.v1.EncodeTextRequest\x1a!.clipsearch.v1.EncodeTextResponse\x12T\n\x0b\x45ncodeImage\x12!.clipsearch.v1.EncodeImageRequest\x1a\".clipsearch.v1.EncodeImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lipsearch/v1/encoder.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\"O\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.clipsearch.v1.TextOptions\"d\n\x12\x45ncodeTextResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.clipsearch.v1.Vector\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\"$\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"e\n\x13\x45ncodeImageResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.clipsearch.v1.Vector\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r2\xb9\x01\n\x0e\x45ncoderService\x12Q\n\nEncodeText\x12 .clipsearch.v1.EncodeTextRequest\x1a!.clipsearch.v1.EncodeTextResponse\x12T\n\x0b\x45ncodeImage\x12!.clipsearch.v1.EncodeImageRequest\x1a\".clipsearch.v1.EncodeImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipsearch.v1.encoder_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODETEXTREQUEST']._serialized_start=74
-  _globals['_ENCODETEXTREQUEST']._serialized_end=108
-  _globals['_ENCODETEXTRESPONSE']._serialized_start=110
-  _globals['_ENCODETEXTRESPONSE']._serialized_end=210
-  _globals['_ENCODEIMAGEREQUEST']._serialized_start=212
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=248
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=250
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=351
-  _globals['_ENCODERSERVICE']._serialized_start=354
-  _globals['_ENCODERSERVICE']._serialized_end=539
+  _globals['_ENCODETEXTREQUEST']._serialized_end=153
+  _globals['_ENCODETEXTRESPONSE']._serialized_start=155
+  _globals['_ENCODETEXTRESPONSE']._serialized_end=255
+  _globals['_ENCODEIMAGEREQUEST']._serialized_start=257
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=293
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=295
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=396
+  _globals['_ENCODERSERVICE']._serialized_start=399
+  _globals['_ENCODERSERVICE']._serialized_end=584
 # @@protoc_insertion_point(module_scope)

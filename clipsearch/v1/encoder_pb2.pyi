@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeTextRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "options")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    options: _common_pb2.TextOptions
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[_common_pb2.TextOptions, _Mapping]] = ...) -> None: ...
 
 class EncodeTextResponse(_message.Message):
     __slots__ = ("embeddings", "model_id", "dimension")

@@ -34,7 +34,7 @@ class Recency(_message.Message):
     def __init__(self, decay_per_day: _Optional[float] = ..., reference_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "image", "vector", "target", "top_k", "filter", "recency", "allow_partial")
+    __slots__ = ("text", "image", "vector", "target", "top_k", "filter", "recency", "allow_partial", "text_options", "search_params")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class SearchRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     RECENCY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PARAMS_FIELD_NUMBER: _ClassVar[int]
     text: str
     image: bytes
     vector: _common_pb2.Vector
@@ -51,7 +53,17 @@ class SearchRequest(_message.Message):
     filter: Filter
     recency: Recency
     allow_partial: bool
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.Modality, str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
+    text_options: _common_pb2.TextOptions
+    search_params: SearchParams
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.Modality, str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., text_options: _Optional[_Union[_common_pb2.TextOptions, _Mapping]] = ..., search_params: _Optional[_Union[SearchParams, _Mapping]] = ...) -> None: ...
+
+class SearchParams(_message.Message):
+    __slots__ = ("nprobe", "ef_search")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    ef_search: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "similarity", "decay", "score", "publish_time", "metadata", "caption")
