@@ -6,7 +6,9 @@ here is a bug and raises ValueError.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -93,6 +95,36 @@ class Shard:
             image_vectors=int(self._indexes[Modality.IMAGE].ntotal),
             text_vectors=int(self._indexes[Modality.TEXT].ntotal),
         )
+
+    def save(self, directory: Path) -> None:
+        """Write the shard's whole state as plain files into `directory` (no fsync).
+
+        The caller (index_service.snapshot) makes the directory atomic and checksummed and
+        calls this only between writes, so the files describe one consistent moment.
+        """
+        for modality, index in self._indexes.items():
+            faiss.write_index(index, str(directory / f"{modality.value}.faiss"))
+        rows = [
+            [lb, r.id, r.publish_time, dict(r.metadata), r.caption, r.has_image, r.has_text]
+            for lb, r in self._records.items()
+        ]
+        state = {"next_label": self._next_label, "records": rows}
+        (directory / "records.json").write_text(json.dumps(state, ensure_ascii=True))
+
+    @classmethod
+    def load(cls, directory: Path, shard_id: int, dim: int, factory: str) -> Shard:
+        """A shard from files `save` wrote (already verified by the caller)."""
+        shard = cls(shard_id, dim, factory)
+        for modality in Modality:
+            index = faiss.read_index(str(directory / f"{modality.value}.faiss"))
+            if index.d != dim:
+                raise ValueError(f"{modality.value} index has dimension {index.d}, not {dim}")
+            shard._indexes[modality] = index
+        state = json.loads((directory / "records.json").read_text())
+        for lb, doc_id, t, meta, caption, has_image, has_text in state["records"]:
+            shard._remember(int(lb), DocRecord(doc_id, t, meta, caption, has_image, has_text))
+        shard._next_label = int(state["next_label"])
+        return shard
 
     def _as_query(self, query: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)

@@ -139,3 +139,29 @@ def test_routing_is_stable_and_balanced() -> None:
     assert [shard_of(f"doc-{i}", 4) for i in range(8)] == [0, 1, 2, 2, 3, 3, 2, 1]
     counts = [len(v) for v in group_by_shard(ids, 4).values()]
     assert len(counts) == 4 and min(counts) > 800
+
+
+def test_save_then_load_gives_the_same_answers(tmp_path):
+    shard = Shard(3, 8)
+    vectors = unit_vectors(20, 8, seed=5)
+    writes = [
+        DocWrite(
+            DocRecord(f"d{i}", float(i), {"k": str(i % 2)}, f"c{i}", True, i % 3 == 0),
+            image_vector=vectors[i],
+            text_vector=vectors[i] if i % 3 == 0 else None,
+        )
+        for i in range(20)
+    ]
+    shard.upsert(writes)
+    shard.delete(["d4"])
+    shard.save(tmp_path)
+    loaded = Shard.load(tmp_path, 3, 8, "Flat")
+    assert loaded.stats() == shard.stats()
+    flt = SearchFilter(metadata_equals=(("k", "0"),))
+    for modality in Modality:
+        a = shard.search(modality, vectors[6], 5, flt)
+        b = loaded.search(modality, vectors[6], 5, flt)
+        assert [r.id for r in a.records] == [r.id for r in b.records]
+    assert loaded.get(["d4", "d7"]) == shard.get(["d4", "d7"])
+    loaded.upsert(writes[:1])  # still writable, labels continue after the saved ones
+    assert len(loaded) == 19
