@@ -89,9 +89,8 @@ async def start_stack(settings: Settings) -> Stack:
     info = await handle.info.remote()
     actors = await asyncio.to_thread(
         start_shards,
-        settings.index.shards,
+        settings.index,
         info["dim"],
-        settings.index.factory,
         str(settings.data_dir.resolve()),
         info["model_id"],
         SHARD_PREFIX,

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from clipsearch.errors import Unavailable
+from clipsearch.settings import IndexSettings
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
 from index_service.shard import Shard
 from index_service.wal import DeleteOp, LogError, UpsertOp, WriteAheadLog, replay
@@ -28,8 +29,11 @@ LOG = "wal.log"
 class ShardActor:
     """One call at a time (Ray's default for a sync actor), so writes never race searches."""
 
-    def __init__(self, shard_id: int, dim: int, factory: str, data_dir: str, model_id: str) -> None:
-        self._shard = Shard(shard_id, dim, factory)
+    def __init__(
+        self, shard_id: int, dim: int, index: IndexSettings, data_dir: str, model_id: str
+    ) -> None:
+        self._settings = index
+        self._shard = Shard(shard_id, dim, index.factory)
         self._dir = Path(data_dir) / f"shard-{shard_id}"
         self._dir.mkdir(parents=True, exist_ok=True)
         _check_manifest(self._dir / MANIFEST, {"dim": dim, "model_id": model_id})
@@ -108,13 +112,13 @@ def _check_manifest(path: Path, expected: dict[str, object]) -> None:
 
 
 def start_shards(
-    n: int, dim: int, factory: str, data_dir: str, model_id: str, name_prefix: str
+    index: IndexSettings, dim: int, data_dir: str, model_id: str, name_prefix: str
 ) -> list:
-    """Start `n` shard actors (restarted by Ray after a crash) and wait until recovered."""
+    """Start `index.shards` actors (restarted by Ray after a crash) and wait until recovered."""
     remote_cls: Any = ray.remote(num_cpus=0, max_restarts=-1)(ShardActor)
     actors = [
-        remote_cls.options(name=f"{name_prefix}-{i}").remote(i, dim, factory, data_dir, model_id)
-        for i in range(n)
+        remote_cls.options(name=f"{name_prefix}-{i}").remote(i, dim, index, data_dir, model_id)
+        for i in range(index.shards)
     ]
     ray.get([a.ready.remote() for a in actors])
     return actors
