@@ -87,3 +87,6 @@ class ShardStats:
     documents: int
     image_vectors: int
     text_vectors: int
+    # Durability: the newest snapshot's sequence (0 = none) and log records written after it.
+    snapshot_seq: int = 0
+    log_records_since_snapshot: int = 0
