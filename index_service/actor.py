@@ -1,15 +1,24 @@
-"""The Ray actor that hosts one `Shard`, made durable by its write-ahead log.
+"""The Ray actor that hosts one `Shard`, made durable by its log and snapshots.
 
-Every write is appended to the shard's log (fsync'd) before it is applied and acknowledged;
-the constructor replays the log, so a restarted actor (Ray restarts it after a crash) or a
+Every write is appended to the shard's log (fsync'd) before it is applied and acknowledged.
+Every `snapshot_every` records the actor writes an atomic, checksummed snapshot, starts a new
+log segment and drops segments older than the oldest snapshot it keeps. The constructor
+recovers: newest snapshot that verifies (older ones, then an empty shard, as fallbacks) plus
+log replay from its sequence; a gap in the log refuses to start rather than serve a shard
+with acknowledged writes missing. So a restarted actor (Ray restarts it after a crash) or a
 restarted server comes back with every acknowledged write.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import shutil
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +29,15 @@ from clipsearch.errors import Unavailable
 from clipsearch.settings import IndexSettings
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
 from index_service.shard import Shard
-from index_service.wal import DeleteOp, LogError, UpsertOp, WriteAheadLog, replay
+from index_service.snapshot import SnapshotStore
+from index_service.wal import DeleteOp, LogError, ShardLog, UpsertOp
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "shard.json"
-LOG = "wal.log"
+SNAPSHOTS = "snapshots"
+LOCK = "LOCK"
+LOCK_WAIT_S = 60.0
 
 
 class ShardActor:
@@ -33,13 +47,35 @@ class ShardActor:
         self, shard_id: int, dim: int, index: IndexSettings, data_dir: str, model_id: str
     ) -> None:
         self._settings = index
-        self._shard = Shard(shard_id, dim, index.factory)
+        self._identity = {"dim": dim, "model_id": model_id}
         self._dir = Path(data_dir) / f"shard-{shard_id}"
         self._dir.mkdir(parents=True, exist_ok=True)
-        _check_manifest(self._dir / MANIFEST, {"dim": dim, "model_id": model_id})
-        self._log = WriteAheadLog(self._dir / LOG)
-        for op in replay(self._dir / LOG):
+        self._lock_fd = _lock_directory(self._dir / LOCK, LOCK_WAIT_S)
+        _check_manifest(self._dir / MANIFEST, self._identity)
+        self._snapshots = SnapshotStore(self._dir / SNAPSHOTS)
+        self._shard, self._snapshot_seq = self._load_snapshot(shard_id, dim)
+        self._log = ShardLog(self._dir, self._snapshot_seq)
+        replayed = 0
+        for op in self._log.replay(self._snapshot_seq):
             self._apply(op)
+            replayed += 1
+        log.info(
+            "shard %d recovered: snapshot at %d + %d log records",
+            shard_id,
+            self._snapshot_seq,
+            replayed,
+        )
+
+    def _load_snapshot(self, shard_id: int, dim: int) -> tuple[Shard, int]:
+        """The newest snapshot that verifies and loads, else an empty shard at sequence 0."""
+        for snap in self._snapshots.verified():
+            try:
+                shard = Shard.load(snap.path, shard_id, dim, self._settings.factory)
+            except Exception:  # a verified file Faiss still refuses: try an older one
+                log.exception("shard %d: snapshot %s does not load", shard_id, snap.path.name)
+                continue
+            return shard, snap.seq
+        return Shard(shard_id, dim, self._settings.factory), 0
 
     def ready(self) -> int:
         """Returns the shard id once constructed and recovered (used to wait for start-up)."""
@@ -64,18 +100,35 @@ class ShardActor:
         return self._shard.search(modality, query, k, flt)
 
     def stats(self) -> ShardStats:
-        return self._shard.stats()
+        return replace(
+            self._shard.stats(),
+            snapshot_seq=self._snapshot_seq,
+            log_records_since_snapshot=self._log.last_seq - self._snapshot_seq,
+        )
+
+    def snapshot(self) -> int:
+        """Write a snapshot now (also done every `snapshot_every` records); returns its seq."""
+        self._take_snapshot()
+        return self._snapshot_seq
 
     def pid(self) -> int:
         """The worker process id (tests kill it to prove recovery)."""
         return os.getpid()
 
     def clear(self) -> None:
-        """Drop every document, durably (the log starts over)."""
-        self._log.close()
-        (self._dir / LOG).unlink(missing_ok=True)
-        self._log = WriteAheadLog(self._dir / LOG)
+        """Drop every document, durably (snapshots go, the log starts over)."""
+        shutil.rmtree(self._dir / SNAPSHOTS)
+        self._snapshots = SnapshotStore(self._dir / SNAPSHOTS)
+        self._log.destroy()
+        self._snapshot_seq = 0
         self._shard.clear()
+
+    def close(self) -> None:
+        """Release the log and the directory lock (tests; a dying process releases both)."""
+        self._log.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _log_and_apply(self, op: UpsertOp | DeleteOp) -> None:
         try:
@@ -86,12 +139,55 @@ class ShardActor:
                 f"shard {self._shard.shard_id} cannot write its log; the write is in doubt"
             ) from exc
         self._apply(op)
+        if self._log.last_seq - self._snapshot_seq >= self._settings.snapshot_every:
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        """Snapshot the state at the log's last seq, then cut and trim the log.
+
+        A failure here loses nothing (the log still holds every record) and is only logged;
+        the next write tries again.
+        """
+        seq = self._log.last_seq
+        if seq == self._snapshot_seq:
+            return
+        info = {**self._identity, "factory": self._settings.factory, "documents": len(self._shard)}
+        try:
+            self._snapshots.write(seq, self._shard.save, info)
+            self._snapshot_seq = seq
+            self._log.rotate()
+            trim_point = self._snapshots.trim_point()
+            if trim_point is not None:
+                self._log.trim(trim_point)
+        except (OSError, ValueError, RuntimeError):
+            log.exception("shard %d: snapshot at %d failed", self._shard.shard_id, seq)
 
     def _apply(self, op: UpsertOp | DeleteOp) -> None:
         if isinstance(op, UpsertOp):
             self._shard.upsert(op.writes)
         else:
             self._shard.delete(op.ids)
+
+
+def _lock_directory(path: Path, wait_s: float) -> int:
+    """Hold an exclusive lock on the shard's directory for this process's lifetime.
+
+    A server restarted right after a kill -9 can meet the old incarnation's actor still
+    alive for a few seconds; two writers on one log would corrupt it, so wait for it to go.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"{path.parent.name} is locked by another running server; stop it first"
+                ) from None
+            time.sleep(0.1)
 
 
 def _check_manifest(path: Path, expected: dict[str, object]) -> None:

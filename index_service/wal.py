@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -402,3 +403,111 @@ class WriteAheadLog:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- segments
+
+
+_SEGMENT = re.compile(r"wal-(\d{20})\.log")
+LEGACY_LOG = "wal.log"
+
+
+def segment_name(first_seq: int) -> str:
+    """File name of the segment whose first record has sequence `first_seq`."""
+    return f"wal-{first_seq:020d}.log"
+
+
+class ShardLog:
+    """A shard's log as a chain of segments, cut where snapshots are taken (rule 3).
+
+    Records are only ever appended to the newest segment. After a snapshot covering every
+    record so far is durable, `rotate` starts a new segment and `trim` deletes segments whose
+    records all lie at or below the oldest snapshot still kept, so the chain always reaches
+    back to a snapshot that can be loaded.
+    """
+
+    def __init__(self, directory: Path, base_seq: int = 0) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        legacy = self.directory / LEGACY_LOG
+        if legacy.exists():  # one-file logs of earlier versions start at sequence 1
+            os.rename(legacy, self.directory / segment_name(1))
+            _fsync_dir(self.directory)
+        segments = self.segments()
+        active = segments[-1][1] if segments else self.directory / segment_name(base_seq + 1)
+        self._wal = WriteAheadLog(active, start_seq=base_seq)
+
+    def segments(self) -> list[tuple[int, Path]]:
+        """(first sequence, path) of every segment, oldest first."""
+        found = [
+            (int(m.group(1)), e)
+            for e in self.directory.iterdir()
+            if (m := _SEGMENT.fullmatch(e.name))
+        ]
+        return sorted(found)
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence of the newest durable record."""
+        return self._wal.last_seq
+
+    @property
+    def recovery(self) -> Recovery:
+        """What opening the active segment found (torn tail cut, records)."""
+        return self._wal.recovery
+
+    def append(self, ops: Sequence[Op]) -> int:
+        """Log ops durably (see `WriteAheadLog.append`); returns the last seq."""
+        return self._wal.append(ops)
+
+    def rotate(self) -> None:
+        """Continue in a new segment starting after the last record."""
+        nxt = self.directory / segment_name(self._wal.last_seq + 1)
+        if nxt == self._wal.path:
+            return
+        last = self._wal.last_seq
+        self._wal.close()
+        self._wal = WriteAheadLog(nxt, start_seq=last)
+
+    def trim(self, keep_after: int) -> int:
+        """Delete closed segments whose records all have seq <= keep_after; returns how many."""
+        segments = self.segments()
+        removed = 0
+        for (_, path), (next_first, _) in zip(segments, segments[1:], strict=False):
+            if next_first - 1 <= keep_after and path != self._wal.path:
+                path.unlink()
+                removed += 1
+        if removed:
+            _fsync_dir(self.directory)
+        return removed
+
+    def replay(self, after_seq: int = 0) -> Iterator[Op]:
+        """Every op with seq > after_seq across segments, in order, with no gap.
+
+        A missing range (a lost or damaged segment) raises LogCorruption before any op of
+        the gap's far side is yielded; a torn tail of the newest segment ends it quietly.
+        """
+        expected = after_seq + 1
+        for _, path in self.segments():
+            for op in replay(path, after_seq):
+                if op.seq != expected:
+                    raise LogCorruption(
+                        path.name,
+                        0,
+                        f"records {expected}..{op.seq - 1} are missing from the log "
+                        "(and from every valid snapshot)",
+                    )
+                expected += 1
+                yield op
+
+    def close(self) -> None:
+        """Release the active segment."""
+        self._wal.close()
+
+    def destroy(self) -> None:
+        """Delete every segment (the shard is being cleared) and start over at sequence 1."""
+        self._wal.close()
+        for _, path in self.segments():
+            path.unlink()
+        _fsync_dir(self.directory)
+        self._wal = WriteAheadLog(self.directory / segment_name(1))
