@@ -6,6 +6,7 @@ The actor class is used directly (no Ray): recovery is its constructor.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,53 @@ def test_clear_removes_snapshots_and_log(tmp_path: Path) -> None:
     again = _open(tmp_path, snapshot_every=3)
     assert again.stats().documents == 0
     again.close()
+
+
+def test_durability_order_files_then_manifest_then_rename_then_log_trim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 cannot test fsync (the page cache survives the process), so test the order."""
+    from index_service import snapshot as snapshot_module
+    from index_service import wal as wal_module
+
+    events: list[str] = []
+    real_fsync_file, real_fsync_dir = snapshot_module._fsync_file, snapshot_module.fsync_dir
+    real_rename, real_trim = snapshot_module.os.rename, ShardLog.trim
+
+    def fsync_file(path: Path) -> None:
+        events.append(f"fsync {path.name}")
+        real_fsync_file(path)
+
+    def fsync_dir(path: Path) -> None:
+        events.append(f"fsync-dir {path.name}")
+        real_fsync_dir(path)
+
+    def rename(src: object, dst: object) -> None:
+        events.append(f"rename {Path(str(dst)).name}")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    def trim(self: ShardLog, keep_after: int) -> int:
+        removed = real_trim(self, keep_after)
+        events.append(f"trim {keep_after} removed {removed}")
+        return removed
+
+    monkeypatch.setattr(snapshot_module, "_fsync_file", fsync_file)
+    monkeypatch.setattr(snapshot_module, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(snapshot_module.os, "rename", rename)
+    monkeypatch.setattr(wal_module.ShardLog, "trim", trim)
+    actor = _open(tmp_path, snapshot_every=3)
+    _fill(actor, 6)  # snapshots at 3 (nothing to trim yet: one snapshot) and at 6
+    actor.close()
+    name = snapshot_name(6)
+    start = events.index(f"rename {snapshot_name(3)}") + 1
+    manifest = events.index("fsync MANIFEST.json", start)
+    data_files = events[start:manifest]
+    assert data_files and all(e.startswith("fsync ") for e in data_files)  # data first
+    assert events[manifest:] == [
+        "fsync MANIFEST.json",
+        f"fsync-dir .tmp-{name}-{os.getpid()}",
+        f"rename {name}",
+        "fsync-dir snapshots",  # the rename is durable ...
+        "fsync-dir snapshots",  # ... and so is the pruning (nothing to prune at two)
+        "trim 3 removed 1",  # ... before the records it covers leave the log
+    ]
