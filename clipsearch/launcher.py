@@ -36,13 +36,15 @@ class Stack:
         return f"{self.settings.gateway.host}:{self.port}"
 
     async def stop(self) -> None:
-        """Drain the gateway, then remove the encoder app and the shard actors."""
+        """Drain the gateway, then remove the encoder app and the shard actors (embedded only)."""
         import ray
         from ray import serve
 
         from gateway.server import drain
 
         await drain(self.server, self.health, self.settings.gateway.grace_s)
+        if self.settings.ray_address != "local":
+            return  # on a shared cluster the encoder and shards serve the other gateways too
         await asyncio.to_thread(serve.delete, ENCODER_APP)
         for actor in self.shard_actors:
             ray.kill(actor)
@@ -60,6 +62,16 @@ def init_ray(settings: Settings) -> str | None:
     import ray
 
     if ray.is_initialized():
+        return None
+    if settings.ray_address != "local":
+        # Detached by default: the shard actors this gateway may create outlive it.
+        ray.init(
+            address=settings.ray_address,
+            namespace="clipsearch",
+            job_config=ray.job_config.JobConfig(default_actor_lifetime="detached"),
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
         return None
     temp_dir = tempfile.mkdtemp(prefix="csray-", dir="/tmp")  # short: unix socket path limit
     ray.init(
@@ -84,10 +96,14 @@ async def start_stack(settings: Settings) -> Stack:
     from index_service.actor import start_shards
 
     serve.start(proxy_location="Disabled")
-    app = build_encoder_app(settings.encoder, settings.limits)
-    handle = await asyncio.to_thread(serve.run, app, name=ENCODER_APP, route_prefix=None)
+    shared = settings.ray_address != "local"
+    handle: Any = _running_encoder() if shared else None
+    if handle is None:
+        app = build_encoder_app(settings.encoder, settings.limits)
+        handle = await asyncio.to_thread(serve.run, app, name=ENCODER_APP, route_prefix=None)
     info = await handle.info.remote()
-    actors = await asyncio.to_thread(
+    actors: Any = _named_shards(settings.index.shards) if shared else None
+    actors = actors or await asyncio.to_thread(
         start_shards,
         settings.index,
         info["dim"],
@@ -105,6 +121,26 @@ async def start_stack(settings: Settings) -> Stack:
     if settings.demo_corpus and stored == 0:
         await load_demo_corpus(stack, settings.demo_corpus)
     return stack
+
+
+def _running_encoder() -> Any:
+    """The encoder app another gateway deployed on this cluster, or None."""
+    from ray import serve
+
+    try:
+        return serve.get_app_handle(ENCODER_APP)
+    except Exception:  # Serve raises its own exception type when there is no such app
+        return None
+
+
+def _named_shards(n: int) -> list[Any] | None:
+    """Handles of the `n` shard actors another gateway started, or None if any is missing."""
+    import ray
+
+    try:
+        return [ray.get_actor(f"{SHARD_PREFIX}-{i}") for i in range(n)]
+    except ValueError:
+        return None
 
 
 async def load_demo_corpus(stack: Stack, n: int, batch: int = 64) -> int:

@@ -137,6 +137,14 @@ class Settings(BaseSettings):
         env_prefix="CLIPSEARCH_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
+    ray_address: str = Field(
+        "local",
+        description="Ray runtime: 'local' starts an embedded one for this process; 'auto' "
+        "joins the cluster of the Ray node on this machine (a gateway pod on Kubernetes, see "
+        "k8s/README.md); 'HOST:PORT' joins that head. On a cluster the first gateway creates "
+        "the encoder app and the shard actors (detached: they outlive it) and later gateways "
+        "attach to them by name; stopping a gateway leaves them running.",
+    )
     data_dir: Path = Field(
         Path("clipsearch-data"),
         description="Where state is kept: one folder per shard with its write-ahead log.",
