@@ -37,7 +37,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(RUN) -m mypy clipsearch gateway index_service encoder_service training
+	$(RUN) -m mypy clipsearch gateway index_service encoder_service training load
 
 ## Everything, slow scenarios included.
 test-all: install
@@ -53,3 +53,41 @@ demo-model: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- Deployment, load and cross-language checks (issue 6) ------------------------------
+# Pinned external tools (ghz, kustomize, kubeconform, buf, hadolint, protoc-gen-go[-grpc])
+# live in a cache outside the clone; scripts/dev_tools.sh installs each when its pin changes.
+TOOLS_BIN := $(or $(CLIPSEARCH_TOOLS),$(HOME)/.cache/clipsearch/tools)/bin
+LOAD_ARGS ?=
+PROTO_BASE ?= $(shell git tag --list 'v1.*' --sort=-v:refname | head -n 1)
+
+.PHONY: tools load k8s-check proto-lint proto-breaking docker-lint go-stubs
+
+## Install the pinned tools into ~/.cache/clipsearch/tools (Go proxy, npm, PyPI).
+tools:
+	scripts/dev_tools.sh >/dev/null
+
+## ghz load kit: embedded server, every scenario, SLO gate (load/slo.yaml); reports in load-results/.
+load: install tools
+	$(RUN) -m load.run --results load-results $(LOAD_ARGS)
+
+## Render every kustomize overlay and validate it offline (kubeconform, vendored schemas).
+k8s-check: tools
+	scripts/k8s_check.sh
+
+## buf lint of protos/ (buf.yaml).
+proto-lint: tools
+	$(TOOLS_BIN)/buf lint
+
+## buf breaking against the newest v1.* tag (PROTO_BASE=v1.2.0 to choose another).
+proto-breaking: tools
+	@if [ -z "$(PROTO_BASE)" ]; then echo "no v1.* tag yet: nothing to compare against"; \
+	else $(TOOLS_BIN)/buf breaking --against '.git#tag=$(PROTO_BASE)'; fi
+
+## hadolint of both Dockerfiles (.hadolint.yaml); no Docker engine needed.
+docker-lint: tools
+	$(TOOLS_BIN)/hadolint Dockerfile Dockerfile.cuda
+
+## Regenerate the Go stubs in clients/go from protos/ (pinned protoc and plugins).
+go-stubs: install tools
+	PY=$(PY) scripts/gen_go_stubs.sh
