@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -188,6 +189,8 @@ class TrainConfig:
     # Every batch pairs its images with one caption per view; the loss averages the views
     # (text encoding is cheap next to images, so extra views add signal almost for free).
     caption_views: tuple[str, ...] = ("random", "color_shape", "shape")
+    # Weight of the modality-alignment (mean-matching) term; 0 leaves the loss pure InfoNCE.
+    align_weight: float = 0.0
 
 
 def batch_scenes(step: int, cfg: TrainConfig) -> tuple[list[sc.Scene], list[int]]:
@@ -221,18 +224,28 @@ def make_batch(
     return {"pixel_values": pixels(images, mean, std), "views": views}
 
 
-def batch_loss(model: CLIPModel, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean over caption views of :func:`clip_loss` (images are encoded once)."""
+def alignment_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the mean normalised image and the mean normalised text.
+
+    CLIP-style models keep images and texts in two separate cones of the sphere (the
+    "modality gap"); pulling the two means together narrows it.
+    """
+    image_mean = torch.nn.functional.normalize(image_embeds, dim=-1).mean(0)
+    text_mean = torch.nn.functional.normalize(text_embeds, dim=-1).mean(0)
+    return (image_mean - text_mean).pow(2).sum()
+
+
+def batch_loss(model: CLIPModel, batch: dict[str, Any], align_weight: float = 0.0) -> torch.Tensor:
+    """Mean over caption views of :func:`clip_loss` (images are encoded once), plus
+    ``align_weight`` x :func:`alignment_loss` when the weight is positive."""
     image = image_embeddings(model, batch["pixel_values"])
-    losses = [
-        clip_loss(
-            image,
-            text_embeddings(model, v["input_ids"], v["attention_mask"]),
-            model.logit_scale,
-            v["positives"],
-        )
-        for v in batch["views"]
-    ]
+    losses = []
+    for v in batch["views"]:
+        text = text_embeddings(model, v["input_ids"], v["attention_mask"])
+        loss = clip_loss(image, text, model.logit_scale, v["positives"])
+        if align_weight > 0:
+            loss = loss + align_weight * alignment_loss(image, text)
+        losses.append(loss)
     return torch.stack(losses).mean()
 
 
@@ -254,6 +267,36 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimisation_step(
+    model: CLIPModel,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    amp_dtype: torch.dtype | None = None,
+) -> float:
+    """One AdamW step on ``batch`` (gradient clipping, schedule, temperature clamp); the loss.
+
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast on the
+    model's device; None keeps full precision.
+    """
+    autocast = (
+        torch.autocast(model.device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        loss = batch_loss(model, batch, cfg.align_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+    return loss.item()
+
+
 def train(
     model: CLIPModel,
     tokenizer: CLIPTokenizer,
@@ -268,15 +311,7 @@ def train(
     start = time.perf_counter()
     for step in range(cfg.steps):
         batch = make_batch(step, cfg, tokenizer, processor.image_mean, processor.image_std)
-        loss = batch_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-        losses.append(loss.item())
+        losses.append(optimisation_step(model, batch, optimizer, scheduler, cfg))
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :])
             log(
