@@ -1,0 +1,1 @@
+"""`clipsearch ui`: a small web page for people, talking to the gateway over gRPC."""
