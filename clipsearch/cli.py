@@ -1,4 +1,5 @@
-"""The `clipsearch` command: `serve`, `search`, `stats`."""
+"""The `clipsearch` command: `serve`, `search`, `stats`, and the data commands (`ingest`,
+`eval`, `finetune`, `doctor`, `ui`, `demo-data`)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,53 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="print model, index and shard counts")
     stats.add_argument("--server", default="127.0.0.1:50051")
     stats.set_defaults(run=_stats)
+    _add_data_commands(sub)
     return parser
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """ingest, eval, finetune, doctor, ui, demo-data: each module adds its own flags."""
+    from clipsearch import doctor, evaluate, ingest
+    from clipsearch.ui import server as ui
+    from training import config as finetune
+
+    commands = (
+        ("ingest", ingest, "clipsearch.ingest", "upload a folder, manifest or COCO file"),
+        ("eval", evaluate, "clipsearch.evaluate", "Recall@K served vs offline, ANN sweep"),
+        (
+            "finetune",
+            finetune,
+            "training.finetune",
+            "contrastive fine-tuning on image-caption pairs",
+        ),
+        ("doctor", doctor, "clipsearch.doctor", "check norms, drift, index integrity, consistency"),
+        ("ui", ui, "clipsearch.ui.server", "serve a search page for people"),
+    )
+    for name, flags, runner, help_text in commands:
+        command = sub.add_parser(name, help=help_text)
+        flags.add_arguments(command)
+        command.set_defaults(run=lambda args, runner=runner: _lazy(runner, "run_command", args))
+    demo = sub.add_parser("demo-data", help="write generated image-caption pairs to a folder")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("-n", type=int, default=300, help="number of scenes")
+    demo.add_argument(
+        "--seed", type=int, default=20_000, help="scene-set seed (>= 10000: held out)"
+    )
+    demo.add_argument("--layout", choices=("folder", "jsonl", "csv", "coco"), default="jsonl")
+    demo.set_defaults(run=_demo_data)
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from clipsearch.datasets import write_generated
+
+    print(write_generated(args.out, args.n, args.seed, args.layout))
+
+
+def _lazy(module: str, function: str, args: argparse.Namespace) -> None:
+    """Run `module.function(args)`, importing the module (and torch) only when used."""
+    import importlib
+
+    getattr(importlib.import_module(module), function)(args)
 
 
 def _serve(args: argparse.Namespace) -> None:
