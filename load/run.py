@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
     slo = yaml.safe_load(args.slo.read_text())
     ghz = find_ghz()
+    args.results = args.results.resolve()  # ghz runs in the payload directory
     args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with _target(args) as target:
