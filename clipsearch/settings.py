@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_MODEL = "demo"
@@ -119,6 +119,61 @@ class LimitSettings(_Group):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
+class AuthSettings(_Group):
+    """Bearer tokens in the `authorization` metadata, each with roles: `read` (Search, Get,
+    EncodeText, EncodeImage), `write` (Upsert, Delete), `admin` (AdminService). Health and
+    reflection stay open. Tokens are kept only as sha256 digests and compared in constant time.
+    """
+
+    enabled: bool | None = Field(
+        None,
+        description="Require a token; None = on exactly when tokens are configured. Auth may "
+        "be off only on a loopback host unless gateway.allow_insecure is set.",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="File of `<sha256 hex of token> <roles, comma-separated> [name]` lines "
+        "(`python -m gateway.auth new --roles read` prints a token and its line).",
+    )
+    tokens: SecretStr = Field(
+        SecretStr(""),
+        description="Plain tokens, e.g. from a secret in the environment: "
+        "`read,write=TOKEN;admin=TOKEN2` (hashed at start, never logged).",
+    )
+
+
+class TlsSettings(_Group):
+    """TLS on the gateway port; a client CA turns on mutual TLS."""
+
+    cert_file: Path | None = Field(None, description="Server certificate chain (PEM).")
+    key_file: Path | None = Field(None, description="Server private key (PEM).")
+    client_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) clients must present a certificate from (mTLS)."
+    )
+
+
+class AdmissionSettings(_Group):
+    """Calls in flight at once per method class; past the bound a call fails at once with
+    RESOURCE_EXHAUSTED instead of queueing (0 = unbounded)."""
+
+    read: int = Field(256, ge=0, description="Search, Get, EncodeText, EncodeImage.")
+    write: int = Field(64, ge=0, description="Upsert, Delete.")
+    admin: int = Field(16, ge=0, description="AdminService.")
+
+
+class ObservabilitySettings(_Group):
+    """Metrics, logs and tracing."""
+
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics over HTTP; None = off, 0 = any."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
+    json_logs: bool = Field(False, description="One JSON object per log line.")
+    otlp_endpoint: str = Field(
+        "", description="OpenTelemetry OTLP endpoint for traces; empty = tracing off."
+    )
+
+
 class GatewaySettings(_Group):
     """The gRPC gateway."""
 
@@ -128,6 +183,21 @@ class GatewaySettings(_Group):
         30.0, gt=0, description="Deadline for calls whose client set none."
     )
     grace_s: float = Field(5.0, ge=0, description="How long shutdown waits for in-flight calls.")
+    health_interval_s: float = Field(
+        5.0, gt=0, description="How often health re-runs its canary encode and searches."
+    )
+    health_timeout_s: float = Field(
+        2.0, gt=0, description="A canary slower than this marks its service NOT_SERVING."
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="Allow binding a non-loopback host with neither auth nor TLS (refused "
+        "otherwise).",
+    )
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
 
 
 class Settings(BaseSettings):

@@ -18,6 +18,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from clipsearch import errors
+from gateway.admission import Admission
+from gateway.auth import Authenticator, method_class
+from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("clipsearch.gateway")
 access_log = logging.getLogger("clipsearch.access")
@@ -54,10 +57,25 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps errors to statuses, bounds every call by a deadline, logs one line per RPC."""
+    """Maps errors to statuses, bounds every call by a deadline, logs one line per RPC.
 
-    def __init__(self, default_timeout_s: float) -> None:
+    When given them, it also checks the caller's token (before the request is even parsed),
+    admits the call against its class's in-flight bound, refuses calls while draining, and
+    records metrics.
+    """
+
+    def __init__(
+        self,
+        default_timeout_s: float,
+        authenticator: Authenticator | None = None,
+        admission: Admission | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._default_timeout_s = default_timeout_s
+        self._auth = authenticator
+        self._admission = admission
+        self._metrics = metrics
+        self.draining = False
 
     async def intercept_service(
         self,
@@ -67,6 +85,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming (health Watch, reflection) passes through untouched
+        denied = (
+            self._auth.check(details.method, details.invocation_metadata)
+            if self._auth is not None
+            else None
+        )
+        if denied is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(_refuse(*denied), details.method),
+                request_deserializer=_ignore,
+                response_serializer=handler.response_serializer,
+            )
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(handler.unary_unary, details.method),
             request_deserializer=_tolerant(handler.request_deserializer),
@@ -74,34 +103,70 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _wrap(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+        klass = method_class(method)
+
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id = _request_id(context)
             context.set_trailing_metadata((("x-request-id", request_id),))
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            admitted = False
             try:
+                if self.draining and klass != "open":
+                    raise errors.Unavailable("the server is shutting down; retry elsewhere")
                 if isinstance(request, _Undecodable):
                     raise errors.InvalidArgument("request body is not a valid protobuf message")
-                return await asyncio.wait_for(behavior(request, context), self._timeout(context))
+                if self._admission is not None and klass != "open":
+                    admitted = self._admission.enter(klass)
+                    if self._metrics is not None and admitted:
+                        self._metrics.in_flight.labels(klass).inc()
+                response = await asyncio.wait_for(
+                    behavior(request, context), self._timeout(context)
+                )
+                if self._metrics is not None and hasattr(response, "timings"):
+                    t = response.timings
+                    self._metrics.observe_stages(
+                        {f.name.removesuffix("_ms"): v for f, v in t.ListFields()}
+                    )
+                return response
             except errors.ClipsearchError as exc:
                 code = status_of(exc)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._metrics is not None:
+                    self._metrics.rejected.labels(klass).inc()
                 await context.abort(code, str(exc))
             except TimeoutError:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, "deadline exceeded before the answer was ready")
             except grpc.aio.AbortError:
+                code = _code_of(context)
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error in %s (request id %s)", method, request_id)
                 await context.abort(code, f"internal error; quote request id {request_id}")
             finally:
+                if admitted and self._admission is not None:
+                    self._admission.leave(klass)
+                    if self._metrics is not None:
+                        self._metrics.in_flight.labels(klass).dec()
+                seconds = time.perf_counter() - start
+                if self._metrics is not None:
+                    self._metrics.observe_rpc(method, code.name, seconds)
                 access_log.info(
                     "rpc method=%s status=%s ms=%.2f request_id=%s",
                     method,
                     code.name,
-                    (time.perf_counter() - start) * 1000.0,
+                    seconds * 1000.0,
                     request_id,
+                    extra={
+                        "method": method,
+                        "status": code.name,
+                        "ms": round(seconds * 1000.0, 3),
+                        "request_id": request_id,
+                    },
                 )
 
         return run
@@ -109,6 +174,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self._default_timeout_s if remaining is None else max(remaining, 0.0)
+
+
+def _refuse(code: grpc.StatusCode, message: str) -> Callable[..., Awaitable[Any]]:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    return refuse
+
+
+def _ignore(data: bytes) -> None:
+    """The deserializer of a refused call: its body is never parsed."""
+    return None
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for status in grpc.StatusCode:  # some versions hand back the raw cygrpc value
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

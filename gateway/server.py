@@ -1,6 +1,10 @@
-"""Building the grpc.aio server: services, health, reflection, limits."""
+"""Building the grpc.aio server: services, auth, TLS, admission, health, metrics, reflection."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,29 +20,72 @@ from clipsearch.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
+from gateway import tls
+from gateway.admission import Admission
+from gateway.auth import authenticator_for, is_loopback
 from gateway.convert import Validator
 from gateway.coordinator import Coordinator
 from gateway.errors import ErrorInterceptor
+from gateway.health import HealthChecker
+from gateway.metrics import GatewayMetrics
 from gateway.servicers import AdminServicer, EncoderServicer, SearchServicer
 
-SERVICE_NAMES = (
-    search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
-    encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-)
+log = logging.getLogger("clipsearch.gateway")
+
+SEARCH_SERVICE = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVICE_NAMES = (SEARCH_SERVICE, ENCODER_SERVICE, ADMIN_SERVICE)
+
+
+@dataclass
+class Observability:
+    """What the gateway exposes besides the API: metrics (and their HTTP port, if any)."""
+
+    metrics: GatewayMetrics
+    metrics_port: int | None = None
+    metrics_server: Any = None
+
+
+def check_exposure(settings: Settings, auth_on: bool, tls_on: bool) -> None:
+    """Refuse a non-loopback bind with neither auth nor TLS unless explicitly allowed."""
+    gw = settings.gateway
+    if is_loopback(gw.host) or auth_on or tls_on or gw.allow_insecure:
+        return
+    raise ValueError(
+        f"refusing to bind {gw.host} with neither auth nor TLS: configure gateway.auth "
+        "tokens or gateway.tls, or set gateway.allow_insecure (--insecure) to accept it"
+    )
 
 
 async def create_server(
     coordinator: Coordinator, settings: Settings
-) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
-    """A started gateway bound to settings.gateway.host:port; returns (server, port, health)."""
+) -> tuple[grpc.aio.Server, int, HealthChecker]:
+    """A started gateway bound to settings.gateway.host:port; returns (server, port, health).
+
+    `health.observability` holds the metrics; `drain(server, health, grace)` stops it all.
+    """
+    gw = settings.gateway
+    authenticator = authenticator_for(gw.auth)
+    credentials = tls.server_credentials(gw.tls)
+    check_exposure(settings, authenticator is not None, credentials is not None)
+    metrics = GatewayMetrics()
+    interceptor = ErrorInterceptor(
+        gw.default_timeout_s,
+        authenticator=authenticator,
+        admission=Admission.from_settings(gw.admission),
+        metrics=metrics,
+    )
     limit = settings.limits.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(settings.gateway.default_timeout_s)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
     validator = Validator(settings.limits, coordinator.encoder.dim)
@@ -51,8 +98,8 @@ async def create_server(
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(coordinator, settings.index.factory), server
     )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -61,16 +108,37 @@ async def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.gateway.host}:{settings.gateway.port}")
+    address = f"{gw.host}:{gw.port}"
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
-        raise RuntimeError(f"cannot bind {settings.gateway.host}:{settings.gateway.port}")
+        raise RuntimeError(f"cannot bind {address}")
+    health = HealthChecker(
+        servicer,
+        coordinator,
+        {SEARCH_SERVICE: "all", ENCODER_SERVICE: "encoder", ADMIN_SERVICE: "all"},
+        gw.health_interval_s,
+        gw.health_timeout_s,
+        metrics,
+    )
+    health.on_drain.append(lambda: setattr(interceptor, "draining", True))
+    obs = Observability(metrics)
+    health.observability = obs
     await server.start()
-    for name in ("", *SERVICE_NAMES):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.check_once()
+    health.start()
+    o = gw.observability
+    if o.metrics_port is not None:
+        obs.metrics_server, obs.metrics_port = metrics.serve(o.metrics_host, o.metrics_port)
+        health.on_drain.append(obs.metrics_server.shutdown)
+        log.info("metrics on http://%s:%d/metrics", o.metrics_host, obs.metrics_port)
     return server, port, health
 
 
-async def drain(server: grpc.aio.Server, health: health_aio.HealthServicer, grace_s: float) -> None:
-    """Stop taking calls (health NOT_SERVING first), let in-flight ones finish, then stop."""
+async def drain(server: grpc.aio.Server, health: Any, grace_s: float) -> None:
+    """Health NOT_SERVING and new calls refused first, in-flight ones finish within grace_s,
+    then stop."""
     await health.enter_graceful_shutdown()
     await server.stop(grace_s)

@@ -1,0 +1,122 @@
+"""Prometheus metrics for the gateway, served over HTTP on their own port.
+
+Each gateway owns a registry (so tests can run several). Names:
+
+- `clipsearch_rpc_total{method,code}` and `clipsearch_rpc_seconds{method,code}` (histogram)
+- `clipsearch_rpc_in_flight{method_class}`, `clipsearch_rpc_rejected_total{method_class}`
+- `clipsearch_stage_seconds{stage}`: decode, encode, search (fan-out), merge, rerank, total
+- `clipsearch_shard_vectors{shard,modality}`, `clipsearch_shard_documents{shard}`,
+  `clipsearch_shard_probe_seconds{shard}` (the health canary's latency per shard)
+- `clipsearch_encoder_probe_seconds`, `clipsearch_encoder_cache_hit_ratio`,
+  `clipsearch_encoder_batch_size` and `clipsearch_encoder_queue_depth` when the encoder's
+  stats report them
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    """All gateway metrics in one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "clipsearch_rpc", "RPCs by method and status", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "clipsearch_rpc_seconds",
+            "RPC latency by method and status",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "clipsearch_rpc_in_flight", "Calls in flight", ["method_class"], registry=r
+        )
+        self.rejected = Counter(
+            "clipsearch_rpc_rejected",
+            "Calls refused by admission control",
+            ["method_class"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "clipsearch_stage_seconds",
+            "Time per search stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shard_vectors = Gauge(
+            "clipsearch_shard_vectors", "Vectors per shard", ["shard", "modality"], registry=r
+        )
+        self.shard_documents = Gauge(
+            "clipsearch_shard_documents", "Documents per shard", ["shard"], registry=r
+        )
+        self.shard_probe_seconds = Gauge(
+            "clipsearch_shard_probe_seconds",
+            "Latency of the last canary search per shard",
+            ["shard"],
+            registry=r,
+        )
+        self.encoder_probe_seconds = Gauge(
+            "clipsearch_encoder_probe_seconds",
+            "Latency of the last canary text encode",
+            registry=r,
+        )
+        self.encoder_stat = Gauge(
+            "clipsearch_encoder",
+            "Encoder figures from its stats (cache_hit_ratio, batch_size, queue_depth, ...)",
+            ["figure"],
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "clipsearch_healthy", "1 when the service reports SERVING", ["service"], registry=r
+        )
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.rpcs.labels(method, code).inc()
+        self.rpc_seconds.labels(method, code).observe(seconds)
+
+    def observe_stages(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(stage).observe(ms / 1000.0)
+
+    def observe_shard_stats(self, stats: Any) -> None:
+        shard = str(stats.shard)
+        self.shard_documents.labels(shard).set(stats.documents)
+        self.shard_vectors.labels(shard, "image").set(stats.image_vectors)
+        self.shard_vectors.labels(shard, "text").set(stats.text_vectors)
+
+    def observe_encoder_stats(self, stats: Any) -> None:
+        """Every numeric field of the encoder's stats object (whatever it carries)."""
+        fields = getattr(stats, "__dataclass_fields__", None) or {}
+        for name in fields:
+            value = getattr(stats, name, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.encoder_stat.labels(name).set(float(value))
+        cache = getattr(stats, "cache", None) or {}
+        for name, value in cache.items():
+            if isinstance(value, int | float):
+                self.encoder_stat.labels(f"cache_{name}").set(float(value))
+        hits, misses = cache.get("hits"), cache.get("misses")
+        if isinstance(hits, int) and isinstance(misses, int) and hits + misses > 0:
+            self.encoder_stat.labels("cache_hit_ratio").set(hits / (hits + misses))
+        for kind, sizes in (getattr(stats, "batch_sizes", None) or {}).items():
+            batches = sum(sizes.values())
+            if batches:
+                mean = sum(size * n for size, n in sizes.items()) / batches
+                self.encoder_stat.labels(f"{kind}_mean_batch_size").set(mean)
+
+    def serve(self, host: str, port: int) -> tuple[Any, int]:
+        """Start the HTTP endpoint in a thread; returns (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_port)
