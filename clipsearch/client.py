@@ -89,7 +89,12 @@ class Client:
     Args:
         target: host:port of the gateway.
         timeout: deadline in seconds for each call.
-        metadata: extra call metadata (e.g. an authorization header).
+        metadata: extra call metadata.
+        token: bearer token sent as `authorization: Bearer <token>`.
+        tls: connect with TLS (implied by root_certificates or a client certificate).
+        root_certificates: PEM of the CA that signed the server's certificate (None: the
+            system's roots).
+        client_cert, client_key: PEM of this client's certificate and key (mTLS).
     """
 
     def __init__(
@@ -98,14 +103,23 @@ class Client:
         *,
         timeout: float = 30.0,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        if tls or root_certificates is not None or client_cert is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        if token is not None:
+            metadata = (*metadata, ("authorization", f"Bearer {token}"))
         self._search = search_pb2_grpc.SearchServiceStub(self._channel)
         self._encoder = encoder_pb2_grpc.EncoderServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
