@@ -5,7 +5,10 @@
 #   runtime (default)  clipsearch serve; also the image of every RayCluster pod
 #   load               runtime + the pinned ghz, for the in-cluster load Job (k8s/load)
 # Build: docker build -t clipsearch .   docker build --target load -t clipsearch-load .
-# Run:   docker run -p 50051:50051 -v clipsearch-data:/data clipsearch
+# Run:   docker run -p 50051:50051 -v clipsearch-data:/data \
+#            -e CLIPSEARCH_GATEWAY__AUTH__TOKENS="read,write,admin=$TOKEN" clipsearch
+# (the gateway binds 0.0.0.0 in the image and refuses to without auth or TLS; for a local
+# trial only, -e CLIPSEARCH_GATEWAY__ALLOW_INSECURE=true).
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG GO_IMAGE=golang:1.26-bookworm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ TOP_K = 10
 UPSERT_ID = "load-{{.RequestNumber}}"
 
 
-def server_dimension(address: str, timeout: float = 30.0) -> int:
-    """The embedding dimension of the model the server runs."""
+def server_dimension(address: str, token: str | None = None, timeout: float = 30.0) -> int:
+    """The embedding dimension of the model the server runs (Stats needs the admin role)."""
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     with grpc.insecure_channel(address) as channel:
         stats = admin_pb2_grpc.AdminServiceStub(channel).Stats(
-            admin_pb2.StatsRequest(), timeout=timeout
+            admin_pb2.StatsRequest(), timeout=timeout, metadata=metadata
         )
     return int(stats.dimension)
 
@@ -102,12 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", help="host:port to read the dimension from")
     parser.add_argument("--dim", type=int, help="embedding dimension (instead of --server)")
+    parser.add_argument("--token", default=os.environ.get("CLIPSEARCH_TOKEN"), help="bearer token")
     parser.add_argument("--out", type=Path, default=Path("payloads"))
     parser.add_argument("-n", type=int, default=64, help="messages per file")
     args = parser.parse_args(argv)
     if (args.server is None) == (args.dim is None):
         parser.error("give --server HOST:PORT or --dim N")
-    dim = args.dim or server_dimension(args.server)
+    dim = args.dim or server_dimension(args.server, args.token)
     for path in write(args.out, dim, args.n):
         print(path)
 

@@ -8,6 +8,9 @@ load/slo.yaml is missed.
 
     python -m load.run                                  # what `make load` runs
     python -m load.run --target my-gateway:50051 --scenarios search_text,mixed
+
+A gateway with auth wants a token (CLIPSEARCH_TOKEN or --token) with the read and admin
+roles (Stats gives the vector dimension; or pass --dim), and write for upsert and mixed.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def run_scenario(
     payload_dir: Path,
     results: Path,
     duration: str | None,
+    token: str | None = None,
 ) -> list[Summary]:
     """Run the ghz configs of one scenario (at once, for `mixed`) and summarize each."""
     procs = []
@@ -129,6 +133,8 @@ def run_scenario(
         if scenario == "mixed":
             rate = json.loads(config.read_text())["rps"]
             cmd += ["--rps", str(max(1, round(rate * MIXED_RATE_SHARE)))]
+        if token:
+            cmd += ["-m", json.dumps({"authorization": f"Bearer {token}"})]
         cmd.append(target)
         procs.append((part, report, subprocess.Popen(cmd, cwd=payload_dir)))
     out = []
@@ -198,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with _target(args) as target:
         payload_dir = args.results / "payloads"
-        payloads.write(payload_dir, payloads.server_dimension(target))
+        dim = args.dim or payloads.server_dimension(target, args.token)
+        payloads.write(payload_dir, dim)
         summaries = [
             s
             for name in names
-            for s in run_scenario(ghz, name, target, payload_dir, args.results, args.duration)
+            for s in run_scenario(
+                ghz, name, target, payload_dir, args.results, args.duration, args.token
+            )
         ]
     print_table(summaries)
     misses = {f"{s.scenario}/{s.part}": m for s in summaries if (m := slo_misses(s, slo))}
@@ -231,6 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", help="override every config's duration, e.g. 3s")
     parser.add_argument("--slo", type=Path, default=HERE / "slo.yaml")
     parser.add_argument("--results", type=Path, default=Path("load-results"))
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CLIPSEARCH_TOKEN"),
+        help="bearer token sent with every call (default $CLIPSEARCH_TOKEN)",
+    )
+    parser.add_argument("--dim", type=int, help="vector dimension (default: from Stats)")
     return parser
 
 

@@ -79,6 +79,8 @@ def test_gateway_probes_and_service_use_the_grpc_port(overlay, tmp_path: Path) -
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
     assert {"name": "grpc", "containerPort": port} in container["ports"]
+    metrics = _settings(objects, tmp_path).gateway.observability.metrics_port
+    assert {"name": "metrics", "containerPort": metrics} in container["ports"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     service = _one(objects, "Service", "clipsearch-gateway")
     assert service["spec"]["ports"][0]["targetPort"] == "grpc"
@@ -88,6 +90,31 @@ def test_gateway_probes_and_service_use_the_grpc_port(overlay, tmp_path: Path) -
         _one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
         == (service["spec"]["selector"])
     )
+
+
+def test_gateway_is_exposed_only_with_auth(overlay, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """It binds 0.0.0.0, which the gateway refuses without auth: the tokens Secret is required
+    and its key is the setting that turns auth on."""
+    from gateway.auth import authenticator_for
+    from gateway.server import check_exposure
+
+    name, objects = overlay
+    container = _one(objects, "Deployment", "clipsearch-gateway")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    (ref,) = [e["secretRef"] for e in container["envFrom"]]
+    assert ref["name"].startswith("clipsearch-gateway-tokens") and not ref.get("optional")
+    if name == "dev-cpu":
+        secret = _one(objects, "Secret", ref["name"])
+        assert set(secret["data"]) == {"CLIPSEARCH_GATEWAY__AUTH__TOKENS"}
+    monkeypatch.setenv("CLIPSEARCH_GATEWAY__AUTH__TOKENS", "read,write,admin=t0ken")
+    settings = _settings(objects, tmp_path)
+    auth = authenticator_for(settings.gateway.auth)
+    assert auth is not None
+    check_exposure(settings, auth_on=True, tls_on=False)
+    monkeypatch.delenv("CLIPSEARCH_GATEWAY__AUTH__TOKENS")
+    with pytest.raises(ValueError, match="refusing to bind"):
+        check_exposure(_settings(objects, tmp_path), auth_on=False, tls_on=False)
 
 
 def test_prod_encoder_group_is_on_gpus_and_settings_ask_for_them(tmp_path: Path) -> None:

@@ -112,3 +112,24 @@ def test_ghz_smoke_run_meets_a_loose_slo(stack, tmp_path: Path) -> None:  # type
     assert len(parts) == 4 + len(run.SCENARIOS["mixed"])
     assert summary["slo_misses"] == {}
     assert all(s["count"] >= 5 for s in summary["summaries"])
+
+
+def test_a_token_travels_as_bearer_metadata(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls: list[list[str]] = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, cmd: list[str], cwd: Path) -> None:
+            calls.append(cmd)
+            report = Path(cmd[cmd.index("-o") + 1])
+            report.write_text(json.dumps(_report()))
+
+        def wait(self, timeout: float) -> int:
+            return 0
+
+    monkeypatch.setattr(run.subprocess, "Popen", FakeProc)
+    run.run_scenario("ghz", "search_text", "h:1", tmp_path, tmp_path, "1s", token="T0K")
+    cmd = calls[0]
+    assert json.loads(cmd[cmd.index("-m") + 1]) == {"authorization": "Bearer T0K"}
+    assert cmd[-1] == "h:1" and cmd[cmd.index("-z") + 1] == "1s"
