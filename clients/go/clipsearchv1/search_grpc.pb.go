@@ -5,8 +5,14 @@
 // the field or limit at fault:
 //   INVALID_ARGUMENT   malformed request, limit exceeded, undecodable image, bad vector
 //   NOT_FOUND          Get of an id that is not stored (unless allow_missing)
-//   RESOURCE_EXHAUSTED the encoder's queue is full (encoder.max_queued_requests); retry with
-//                      backoff
+//   RESOURCE_EXHAUSTED the encoder's queue is full (encoder.max_queued_requests), or the
+//                      gateway's in-flight bound for the method class is reached
+//                      (gateway.admission.read/write/admin: Search, Get and Encode* are
+//                      "read", Upsert and Delete "write", AdminService "admin"). Such a call
+//                      is refused at once instead of queued, so admitted calls keep their
+//                      latency under overload; retry with backoff and jitter
+//   UNAUTHENTICATED    auth is on and `authorization: Bearer <token>` is missing or unknown
+//   PERMISSION_DENIED  the token lacks the role of the method class (read, write, admin)
 //   UNAVAILABLE        a shard or the encoder is not reachable; writes are then "in doubt"
 //   DEADLINE_EXCEEDED  the caller's deadline passed before the answer was ready
 //   INTERNAL           a server bug; the message carries a request id to quote
