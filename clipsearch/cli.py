@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 50051; 0 = any free)")
     serve.add_argument("--shards", type=int, help="number of shard actors (default 2)")
     serve.add_argument("--demo-corpus", type=int, help="demo documents to load (0 = none)")
+    serve.add_argument("--tokens-file", type=Path, help="bearer tokens file (turns auth on)")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, help="client CA (PEM): require mTLS")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with neither auth nor TLS",
+    )
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any)")
+    serve.add_argument("--json-logs", action="store_true", default=None, help="JSON log lines")
     serve.set_defaults(run=_serve)
     search = sub.add_parser("search", help="search a running server and print a table")
     search.add_argument("text", nargs="?", help="query text")
@@ -125,9 +137,27 @@ def _serve(args: argparse.Namespace) -> None:
             overrides.setdefault(group, {})[key] = value
     if args.demo_corpus is not None:
         overrides["demo_corpus"] = args.demo_corpus
+    gateway = overrides.setdefault("gateway", {})
+    for keys, value in (
+        (("auth", "tokens_file"), args.tokens_file),
+        (("tls", "cert_file"), args.tls_cert),
+        (("tls", "key_file"), args.tls_key),
+        (("tls", "client_ca_file"), args.tls_client_ca),
+        (("allow_insecure",), args.insecure),
+        (("observability", "metrics_port"), args.metrics_port),
+        (("observability", "json_logs"), args.json_logs),
+    ):
+        if value is not None:
+            target = gateway
+            for key in keys[:-1]:
+                target = target.setdefault(key, {})
+            target[keys[-1]] = value
     settings = load_settings(args.config, **overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("clipsearch.access").setLevel(logging.WARNING)
+    from gateway.logs import setup as setup_logs
+
+    setup_logs(settings.gateway.observability.json_logs)
+    if not settings.gateway.observability.json_logs:  # JSON logs keep one line per RPC
+        logging.getLogger("clipsearch.access").setLevel(logging.WARNING)
     asyncio.run(_serve_until_signal(settings))
 
 

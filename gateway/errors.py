@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from clipsearch import errors
 from gateway.admission import Admission
 from gateway.auth import Authenticator, method_class
+from gateway.logs import request_id_var
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("clipsearch.gateway")
@@ -70,8 +71,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator | None = None,
         admission: Admission | None = None,
         metrics: GatewayMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         self._default_timeout_s = default_timeout_s
+        self._tracer = tracer
         self._auth = authenticator
         self._admission = admission
         self._metrics = metrics
@@ -107,7 +110,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id = _request_id(context)
+            request_id_var.set(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))
+            span = None
+            if self._tracer is not None:
+                span = self._tracer.start_span(
+                    "clipsearch.rpc",
+                    attributes={"rpc.method": method, "clipsearch.request_id": request_id},
+                )
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             admitted = False
@@ -153,6 +163,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if self._metrics is not None:
                         self._metrics.in_flight.labels(klass).dec()
                 seconds = time.perf_counter() - start
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", code.name)
+                    span.end()
                 if self._metrics is not None:
                     self._metrics.observe_rpc(method, code.name, seconds)
                 access_log.info(

@@ -29,6 +29,7 @@ from gateway.errors import ErrorInterceptor
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.servicers import AdminServicer, EncoderServicer, SearchServicer
+from gateway.tracing import tracer_for
 
 log = logging.getLogger("clipsearch.gateway")
 
@@ -75,6 +76,7 @@ async def create_server(
         authenticator=authenticator,
         admission=Admission.from_settings(gw.admission),
         metrics=metrics,
+        tracer=tracer_for(gw.observability.otlp_endpoint),
     )
     limit = settings.limits.max_message_bytes
     server = grpc.aio.server(

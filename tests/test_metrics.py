@@ -1,0 +1,119 @@
+"""Observability: Prometheus metrics over HTTP, JSON logs with the request id, tracing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from clipsearch.v1 import search_pb2, search_pb2_grpc
+from gateway.logs import JsonFormatter, request_id_var
+from tests.gateway_harness import DIM, code_of, gateway
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def _value(text: str, prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {prefix!r} in\n{text}")
+
+
+async def test_metrics_endpoint_counts_rpcs_stages_and_shards() -> None:
+    obs = {"metrics_port": 0}
+    async with gateway(observability=obs) as (port, health):
+        metrics_port = health.observability.metrics_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            vec = {"values": np.ones(DIM).tolist()}
+            doc = search_pb2.UpsertDocument(id="a", image_vector=vec)
+            assert await code_of(stub.Upsert(search_pb2.UpsertRequest(documents=[doc]))) == (
+                grpc.StatusCode.OK
+            )
+            for _ in range(3):
+                await stub.Search(search_pb2.SearchRequest(text="a red circle", top_k=3))
+            bad = search_pb2.SearchRequest(text="x", top_k=0)
+            assert await code_of(stub.Search(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+        await health.check_once()
+        text = await asyncio.to_thread(_scrape, metrics_port)
+    search = 'method="/clipsearch.v1.SearchService/Search"'
+    assert _value(text, f'clipsearch_rpc_total{{code="OK",{search}}}') == 3
+    assert _value(text, f'clipsearch_rpc_total{{code="INVALID_ARGUMENT",{search}}}') == 1
+    assert _value(text, f'clipsearch_rpc_seconds_count{{code="OK",{search}}}') == 3
+    for stage in ("encode", "search", "merge", "total"):
+        assert _value(text, f'clipsearch_stage_seconds_count{{stage="{stage}"}}') == 3
+    shard_vectors = [_value(text, f'clipsearch_shard_vectors{{modality="image",shard="{n}"}}')
+                     for n in (0, 1)]  # fmt: skip
+    assert sum(shard_vectors) == 1
+    assert _value(text, 'clipsearch_shard_probe_seconds{shard="1"}') >= 0
+    assert _value(text, "clipsearch_encoder_probe_seconds") > 0
+    assert _value(text, 'clipsearch_healthy{service="overall"}') == 1
+    assert _value(text, 'clipsearch_rpc_in_flight{method_class="read"}') == 0
+
+
+async def test_request_id_is_taken_or_made_and_returned_in_trailers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="clipsearch.access")
+    async with gateway() as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            request = search_pb2.SearchRequest(text="a red circle", top_k=3)
+            call = stub.Search(request, metadata=(("x-request-id", "abc-123"),))
+            await call
+            assert dict(await call.trailing_metadata())["x-request-id"] == "abc-123"
+            call = stub.Search(search_pb2.SearchRequest(text="x", top_k=0))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            made = dict(err.value.trailing_metadata())["x-request-id"]
+            assert len(made) == 32
+    lines = [r for r in caplog.records if r.name == "clipsearch.access"]
+    by_id = {getattr(r, "request_id", None): r for r in lines}
+    assert by_id["abc-123"].status == "OK"  # type: ignore[attr-defined]
+    assert by_id[made].status == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
+    record = json.loads(JsonFormatter().format(by_id[made]))
+    assert record["request_id"] == made and record["status"] == "INVALID_ARGUMENT"
+    assert record["method"].endswith("/Search") and record["logger"] == "clipsearch.access"
+
+
+def test_json_lines_carry_the_request_id_of_the_current_call() -> None:
+    token = request_id_var.set("rid-7")
+    try:
+        record = logging.LogRecord(
+            "clipsearch.x", logging.WARNING, __file__, 1, "hi %s", ("a",), None
+        )
+        out = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert out == {**out, "message": "hi a", "level": "WARNING", "request_id": "rid-7"}
+
+
+async def test_a_span_per_rpc_when_tracing_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway import server, tracing
+
+    exporter = InMemorySpanExporter()
+    monkeypatch.setattr(server, "tracer_for", lambda _endpoint: tracing.tracer_for("", exporter))
+    async with gateway() as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            await stub.Search(
+                search_pb2.SearchRequest(text="a", top_k=1), metadata=(("x-request-id", "t-1"),)
+            )
+    (span,) = [
+        s for s in exporter.get_finished_spans() if s.attributes["clipsearch.request_id"] == "t-1"
+    ]
+    assert span.name == "clipsearch.rpc"
+    assert span.attributes["rpc.method"] == "/clipsearch.v1.SearchService/Search"
+    assert span.attributes["rpc.grpc.status_code"] == "OK"
+    assert tracing.tracer_for("") is None
