@@ -59,6 +59,7 @@ class HealthChecker:
         self.last: dict[str, bool] = {}
         self.on_drain: list[Any] = []
         self.observability: Any = None  # set by create_server: metrics and their port
+        self.server: Any = None  # set by create_server: the grpc.aio server
 
     async def check_once(self) -> dict[str, bool]:
         """Run the canaries now and publish the statuses; returns {service: serving}."""
@@ -131,6 +132,8 @@ class HealthChecker:
 
     async def enter_graceful_shutdown(self) -> None:
         """Everything NOT_SERVING for good; stop the checks; run the drain callbacks."""
+        if self.draining:
+            return
         self.draining = True
         for callback in self.on_drain:
             callback()

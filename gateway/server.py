@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +130,7 @@ async def create_server(
     health.on_drain.append(lambda: setattr(interceptor, "draining", True))
     obs = Observability(metrics)
     health.observability = obs
+    health.server = server
     await server.start()
     await health.check_once()
     health.start()
@@ -137,6 +140,20 @@ async def create_server(
         health.on_drain.append(obs.metrics_server.shutdown)
         log.info("metrics on http://%s:%d/metrics", o.metrics_host, obs.metrics_port)
     return server, port, health
+
+
+async def serve_until_signal(server: grpc.aio.Server, health: Any, grace_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (for embedding the gateway alone)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        await drain(server, health, grace_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def drain(server: grpc.aio.Server, health: Any, grace_s: float) -> None:

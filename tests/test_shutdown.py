@@ -1,0 +1,111 @@
+"""Graceful shutdown on SIGTERM: health NOT_SERVING, new calls refused, in-flight calls
+finish, exit 0 — in a real subprocess whose shard is slow on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clipsearch.v1 import search_pb2, search_pb2_grpc
+from index_service.shard import Shard
+from tests.fakes import LocalShard
+from tests.gateway_harness import DIM, code_of, gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW_S = 1.5
+
+
+class SlowShard(LocalShard):
+    def __init__(self, number: int, delay_s: float) -> None:
+        super().__init__(Shard(number, DIM))
+        self.delay_s = delay_s
+
+    async def search(self, *args: object) -> object:  # type: ignore[override]
+        await asyncio.sleep(self.delay_s)
+        return await super().search(*args)  # type: ignore[arg-type]
+
+
+async def _main() -> None:
+    """The subprocess: a gateway with slow shards, served until SIGTERM."""
+    from gateway.server import serve_until_signal
+
+    async with gateway(shards=[SlowShard(0, SLOW_S), SlowShard(1, SLOW_S)], grace_s=20) as (
+        port,
+        health,
+    ):
+        print(f"ready on 127.0.0.1:{port}", flush=True)
+        await serve_until_signal(health.server, health, grace_s=20)
+        print("drained", flush=True)
+
+
+def _request() -> search_pb2.SearchRequest:
+    return search_pb2.SearchRequest(vector={"values": np.ones(DIM).tolist()}, top_k=1)
+
+
+async def test_sigterm_lets_in_flight_calls_finish_refuses_new_ones_and_exits_0() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import asyncio, tests.test_shutdown as t; asyncio.run(t._main())"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert line.startswith("ready on "), line
+        address = line.split()[-1]
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            in_flight = [asyncio.ensure_future(code_of(stub.Search(_request(), timeout=30)))
+                         for _ in range(5)]  # fmt: skip
+            await asyncio.sleep(SLOW_S / 3)  # they are inside the slow shards now
+            assert not any(t.done() for t in in_flight)
+            proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            refused = None
+            for _ in range(50):
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        refused = await code_of(stub.Search(_request(), timeout=5))
+                        break
+                except grpc.aio.AioRpcError:
+                    refused = await code_of(stub.Search(_request(), timeout=5))
+                    break
+                await asyncio.sleep(0.02)
+            assert refused == grpc.StatusCode.UNAVAILABLE
+            assert await asyncio.gather(*in_flight) == [grpc.StatusCode.OK] * 5
+        rc = await asyncio.to_thread(proc.wait, 30)
+        output = proc.stdout.read()
+        assert rc == 0, output
+        assert "drained" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_drain_waits_for_in_flight_calls_within_grace() -> None:
+    from gateway.server import drain
+
+    async with gateway(shards=[SlowShard(0, 0.5)]) as (port, health):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            call = asyncio.ensure_future(code_of(stub.Search(_request(), timeout=30)))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await drain(health.server, health, grace_s=10)
+            assert await call == grpc.StatusCode.OK
+            assert time.monotonic() - started < 10
