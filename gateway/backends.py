@@ -7,10 +7,12 @@ the server over Ray handles without either knowing model or Faiss code.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import ray
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
 
@@ -18,6 +20,7 @@ from clipsearch.errors import ClipsearchError, ResourceExhausted, Unavailable
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
 
 T = TypeVar("T")
+log = logging.getLogger("clipsearch.gateway")
 
 
 class EncoderBackend(Protocol):
@@ -55,6 +58,9 @@ async def call_remote(awaitable: Awaitable[T], what: str) -> T:
     """
     try:
         return await awaitable
+    except asyncio.CancelledError:
+        cancel_remote(awaitable)  # the caller's deadline passed or it went away
+        raise
     except ray_errors.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
         if isinstance(cause, ClipsearchError):
@@ -68,6 +74,19 @@ async def call_remote(awaitable: Awaitable[T], what: str) -> T:
         serve_errors.DeploymentUnavailableError,
     ) as exc:
         raise Unavailable(f"{what} is unavailable; retry shortly") from exc
+
+
+def cancel_remote(awaitable: object) -> None:
+    """Cancel the remote work behind an awaitable: `ray.cancel` for an ObjectRef (an actor
+    task: dropped if queued, interrupted if it is a coroutine), `.cancel()` for a Serve
+    DeploymentResponse. Best effort: the work may have finished already."""
+    try:
+        if isinstance(awaitable, ray.ObjectRef):
+            ray.cancel(awaitable)
+        elif callable(cancel := getattr(awaitable, "cancel", None)):
+            cancel()
+    except Exception:  # cancelling is advice; never turn it into the caller's error
+        log.debug("cancelling remote work failed", exc_info=True)
 
 
 class RayEncoder:

@@ -22,7 +22,7 @@ async def gateway(
     shards: list[Any] | None = None, encoder: Any = None, **gateway_settings: Any
 ) -> AsyncIterator[tuple[int, Any]]:
     """Yields (port, health) of a started gateway on 127.0.0.1 with the given settings."""
-    settings = load_settings(gateway={"port": 0, **gateway_settings})
+    settings = load_settings(gateway={"port": 0, "health_timeout_s": 0.5, **gateway_settings})
     coordinator = Coordinator(
         encoder or HashEncoder(DIM),
         shards or [LocalShard(Shard(0, DIM)), LocalShard(Shard(1, DIM))],

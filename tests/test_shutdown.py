@@ -63,8 +63,13 @@ async def test_sigterm_lets_in_flight_calls_finish_refuses_new_ones_and_exits_0(
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.to_thread(proc.stdout.readline)
-        assert line.startswith("ready on "), line
+        seen = []
+        for _ in range(100):  # log lines (health warnings) may come first
+            line = await asyncio.to_thread(proc.stdout.readline)
+            seen.append(line)
+            if line.startswith("ready on ") or not line:
+                break
+        assert line.startswith("ready on "), seen
         address = line.split()[-1]
         async with grpc.aio.insecure_channel(address) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
