@@ -5,6 +5,7 @@ the CLI and the local launcher.
 """
 
 from clipsearch.client import Client, Document, Hit, SearchResult, StoredDocument
+from clipsearch.types import TextOptions
 
-__all__ = ["Client", "Document", "Hit", "SearchResult", "StoredDocument"]
+__all__ = ["Client", "Document", "Hit", "SearchResult", "StoredDocument", "TextOptions"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipsearch.types import TextOptions
 from clipsearch.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -23,6 +24,12 @@ from clipsearch.v1 import (
 
 TimeLike = datetime | float | int
 _TARGETS = {"image": common_pb2.MODALITY_IMAGE, "text": common_pb2.MODALITY_TEXT}
+_LONG_TEXT = {
+    None: common_pb2.LONG_TEXT_UNSPECIFIED,
+    "truncate": common_pb2.LONG_TEXT_TRUNCATE,
+    "sliding_window": common_pb2.LONG_TEXT_SLIDING_WINDOW,
+    "reject": common_pb2.LONG_TEXT_REJECT,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +156,18 @@ class Client:
         decay_per_day: float = 0.0,
         reference_time: TimeLike | None = None,
         allow_partial: bool = False,
+        text_options: TextOptions | None = None,
     ) -> SearchResult:
-        """Nearest documents to one query (text, image bytes or vector) in `target` space."""
+        """Nearest documents to one query (text, image bytes or vector) in `target` space.
+
+        `text_options` sets the prompt template and long-text strategy of a text query
+        (unset fields: the server's defaults).
+        """
         req = search_pb2.SearchRequest(
             top_k=top_k, target=_TARGETS[target], allow_partial=allow_partial
         )
+        if text_options is not None:
+            req.text_options.CopyFrom(to_text_options(text_options))
         if text is not None:
             req.text = text
         if image is not None:
@@ -172,9 +186,16 @@ class Client:
                 req.recency.reference_time.CopyFrom(to_timestamp(reference_time))
         return _search_result(self._search.Search(req, **self._kw))
 
-    def upsert(self, documents: Iterable[Document]) -> int:
-        """Insert or replace documents; returns how many were written."""
+    def upsert(
+        self, documents: Iterable[Document], *, text_options: TextOptions | None = None
+    ) -> int:
+        """Insert or replace documents; returns how many were written.
+
+        Texts are embedded as given unless `text_options.prompt_template` says otherwise.
+        """
         req = search_pb2.UpsertRequest(documents=[to_upsert_document(d) for d in documents])
+        if text_options is not None:
+            req.text_options.CopyFrom(to_text_options(text_options))
         return int(self._search.Upsert(req, **self._kw).upserted)
 
     def delete(self, ids: Iterable[str]) -> int:
@@ -186,11 +207,14 @@ class Client:
         req = search_pb2.GetRequest(ids=list(ids), allow_missing=allow_missing)
         return [_stored(d) for d in self._search.Get(req, **self._kw).documents]
 
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, dim) L2-normalised embeddings of texts."""
-        resp = self._encoder.EncodeText(
-            encoder_pb2.EncodeTextRequest(texts=list(texts)), **self._kw
-        )
+    def encode_text(
+        self, texts: Sequence[str], *, options: TextOptions | None = None
+    ) -> np.ndarray:
+        """(n, dim) L2-normalised embeddings of texts (template / long-text per `options`)."""
+        req = encoder_pb2.EncodeTextRequest(texts=list(texts))
+        if options is not None:
+            req.options.CopyFrom(to_text_options(options))
+        resp = self._encoder.EncodeText(req, **self._kw)
         return _matrix(resp.embeddings)
 
     def encode_image(self, images: Sequence[bytes]) -> np.ndarray:
@@ -215,6 +239,16 @@ def to_timestamp(value: TimeLike) -> Timestamp:
     if nanos == 1_000_000_000:  # rounding reached the next second
         whole, nanos = whole + 1, 0
     return Timestamp(seconds=int(whole), nanos=int(nanos))
+
+
+def to_text_options(options: TextOptions) -> common_pb2.TextOptions:
+    """Client TextOptions as the protobuf message (None fields stay unset)."""
+    if options.long_text not in _LONG_TEXT:
+        raise ValueError(f"long_text must be one of {sorted(k for k in _LONG_TEXT if k)}")
+    out = common_pb2.TextOptions(long_text=_LONG_TEXT[options.long_text])
+    if options.prompt_template is not None:
+        out.prompt_template = options.prompt_template
+    return out
 
 
 def _datetime(ts: Timestamp) -> datetime:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -90,3 +91,37 @@ class ShardStats:
     # Durability: the newest snapshot's sequence (0 = none) and log records written after it.
     snapshot_seq: int = 0
     log_records_since_snapshot: int = 0
+
+
+LongTextStrategy = Literal["truncate", "sliding_window", "reject"]
+"""What the encoder does with a text longer than the model's context."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextOptions:
+    """How a text becomes an embedding; a None field takes the server's default.
+
+    Attributes:
+        prompt_template: Template with exactly one "{}" where the text goes, e.g.
+            "a photo of {}"; "{}" for the bare text.
+        long_text: "truncate", "sliding_window" or "reject" for texts over the context.
+    """
+
+    prompt_template: str | None = None
+    long_text: LongTextStrategy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderStats:
+    """What the encoder runs and how it has been used (one replica's view for counters)."""
+
+    model_id: str
+    dim: int
+    device: str
+    dtype: str
+    context_length: int
+    image_size: int
+    replicas: int
+    normalized: bool = True
+    batch_sizes: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    cache: Mapping[str, int] = field(default_factory=dict)

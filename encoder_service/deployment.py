@@ -1,8 +1,10 @@
 """The encoder as a Ray Serve deployment: validated single items in, dynamic batches to the model.
 
-Request path of one image: bytes → decode + preprocess in a bounded worker pool (a bad image
-fails here, alone) → image batch queue (`@serve.batch`) → one model forward per batch in the
-model thread → one normalised vector back. Texts skip the decode step and use their own queue.
+Request path of one image: bytes → content hash and cache lookup, then decode + preprocess,
+in a bounded worker pool (a bad image fails here, alone) → image batch queue (`@serve.batch`)
+→ one model forward per batch in the model thread → one normalised vector back (and into the
+cache). Texts are templated, tokenised (into windows when long) and looked up in the cache
+before they join their own queue.
 
 Errors: an `InvalidArgument` raised here reaches a DeploymentHandle caller as a
 `RayTaskError(InvalidArgument)`, which is an instance of `InvalidArgument` (so `except
@@ -26,8 +28,11 @@ from ray.serve import Application
 
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import EncoderSettings, LimitSettings
+from clipsearch.types import EncoderStats, TextOptions
+from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
-from encoder_service.model import ClipEncoder
+from encoder_service.model import ClipEncoder, ImageInput, TokenRows
+from encoder_service.text import apply_template, check_template
 
 DECODE_WORKERS = 2
 """Images decoded and preprocessed at once per replica (bounds CPU and memory spikes)."""
@@ -96,31 +101,65 @@ class EncoderDeployment:
     def __init__(self, encoder: EncoderSettings, limits: LimitSettings) -> None:
         """Load the model and set the initial batch limits from settings."""
         self._limits = limits
+        self._settings = encoder
+        check_template(encoder.prompt_template)
         self._encoder = ClipEncoder(
             encoder.model,
             device=encoder.device,
             dtype=encoder.dtype,
             torch_threads=encoder.torch_threads,
+            multiscale_sizes=encoder.multiscale_sizes,
+        )
+        self._cache = EmbeddingCache(encoder.cache_bytes)
+        # Everything about the model that changes a vector; part of every cache key.
+        self._model_key = "|".join(
+            (self._encoder.model_id, self._encoder.dtype, *map(str, self._encoder.scales))
         )
         self._decode_pool = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
         # One forward at a time: concurrent text and image batches would only fight over
         # the same intra-op threads (CPU) or stream (GPU).
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        # torch's intra-op thread count is an OpenMP setting of the calling thread, and Ray
+        # starts replicas with OMP_NUM_THREADS=num_cpus: the count set while loading does not
+        # reach a new thread, which would run every forward on one core. Set it there too.
+        self._model_pool = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="model",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
         self._batch_sizes: dict[str, Counter[int]] = {"text": Counter(), "image": Counter()}
         self._forward_started: float | None = None
+        self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
 
-    async def encode_text(self, text: str) -> np.ndarray:
-        """Embed one text (joins the text batch queue).
+    async def encode_text(self, text: str, options: TextOptions | None = None) -> np.ndarray:
+        """Embed one text (joins the text batch queue unless cached).
+
+        Args:
+            text: The text, before the prompt template is applied.
+            options: Template and long-text strategy; None fields use the settings.
 
         Returns:
             A (dim,) float32 unit vector.
 
         Raises:
-            InvalidArgument: The text is not a string, empty/whitespace, or over the limit.
+            InvalidArgument: The text is not a string, empty/whitespace, or over the limit;
+                the template lacks exactly one "{}"; or the text is too long under `reject`.
         """
         _check_text(text, self._limits.max_text_bytes)
-        return await self._text_batch(text)
+        template, long_text = self._text_options(options)
+        templated = apply_template(template, text)
+        stride = self._settings.sliding_window_stride
+        key = content_key(self._model_key, "text", long_text, str(stride), templated)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        # Tokenising one bounded text takes well under a millisecond: cheaper inline than
+        # a hop through a worker thread.
+        rows = self._encoder.prepare_text(templated, long_text, stride)
+        vector = await self._text_batch(rows)
+        self._cache.put(key, vector)
+        return vector
 
     async def encode_image(self, data: bytes) -> np.ndarray:
         """Embed one encoded image: decoded and preprocessed first, then batched.
@@ -132,9 +171,14 @@ class EncoderDeployment:
             InvalidArgument: The bytes are not an acceptable image (see `decode_image`).
         """
         loop = asyncio.get_running_loop()
-        # Decoding before the queue keeps a bad image from failing a shared batch.
-        pixels = await loop.run_in_executor(self._decode_pool, self._prepare_image, data)
-        return await self._image_batch(pixels)
+        # Hashing and decoding before the queue, in workers: a bad image fails alone, and
+        # the model thread only ever sees ready pixels.
+        key, found = await loop.run_in_executor(self._decode_pool, self._lookup_image, data)
+        if isinstance(found, np.ndarray):
+            return found
+        vector = await self._image_batch(found)
+        self._cache.put(key, vector)
+        return vector
 
     async def info(self) -> dict[str, Any]:
         """What the model is: `{"model_id": str, "dim": int, "max_text_tokens": int}`."""
@@ -144,9 +188,35 @@ class EncoderDeployment:
             "max_text_tokens": self._encoder.max_text_tokens,
         }
 
+    async def stats(self) -> EncoderStats:
+        """Model facts, this replica's batch-size histograms and cache counters."""
+        enc = self._encoder
+        counters = self._cache.counters()
+        return EncoderStats(
+            model_id=enc.model_id,
+            dim=enc.dim,
+            device=enc.device,
+            dtype=enc.dtype,
+            context_length=enc.max_text_tokens,
+            image_size=enc.image_size,
+            replicas=self._settings.replicas,
+            batch_sizes=await self.batch_stats(),
+            cache={
+                "hits": counters.hits,
+                "misses": counters.misses,
+                "entries": counters.entries,
+                "bytes": counters.bytes,
+                "capacity_bytes": counters.capacity_bytes,
+            },
+        )
+
     async def batch_stats(self) -> dict[str, dict[int, int]]:
         """How many batches of each size each queue has run since the replica started."""
         return {queue: dict(sizes) for queue, sizes in self._batch_sizes.items()}
+
+    async def forward_seconds(self) -> dict[str, float]:
+        """Seconds the model thread has spent in forwards, per queue (busy-time probe)."""
+        return dict(self._forward_seconds)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply Serve's `user_config`: `max_batch_size` and/or `batch_wait_timeout_s`.
@@ -175,11 +245,11 @@ class EncoderDeployment:
                 raise RuntimeError(f"the {name} batch loop has stopped")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _text_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return await self._run_batch("text", self._encoder.encode_texts, texts)
+    async def _text_batch(self, texts: list[TokenRows]) -> list[np.ndarray]:
+        return await self._run_batch("text", self._encoder.encode_tokens, texts)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _image_batch(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
+    async def _image_batch(self, pixels: list[ImageInput]) -> list[np.ndarray]:
         return await self._run_batch("image", self._encoder.encode_pixels, pixels)
 
     async def _run_batch(
@@ -188,25 +258,49 @@ class EncoderDeployment:
         """Run one batch in the model thread; one output row per input item."""
         self._batch_sizes[queue][len(items)] += 1
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._model_pool, self._timed, forward, items)
+        vectors = await loop.run_in_executor(
+            self._model_pool, self._timed, queue, forward, items
+        )
         return list(vectors)
 
-    def _timed(self, forward: Callable[[Sequence[T]], np.ndarray], items: list[T]) -> np.ndarray:
+    def _timed(
+        self, queue: str, forward: Callable[[Sequence[T]], np.ndarray], items: list[T]
+    ) -> np.ndarray:
         """Run a forward while recording its start, so check_health can spot a hang."""
-        self._forward_started = time.monotonic()
+        started = self._forward_started = time.monotonic()
         try:
             return forward(items)
         finally:
             self._forward_started = None
+            self._forward_seconds[queue] += time.monotonic() - started
 
-    def _prepare_image(self, data: bytes) -> torch.Tensor:
-        """Decode with the configured limits and preprocess (runs in a decode worker)."""
+    def _lookup_image(self, data: bytes) -> tuple[bytes, np.ndarray | ImageInput]:
+        """The cache key and either the cached vector or the prepared pixels (in a worker)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("image must be bytes")
+        key = content_key(self._model_key, "image", bytes(data))
+        cached = self._cache.get(key)
+        if cached is not None:
+            return key, cached
         image = decode_image(
             data,
             max_bytes=self._limits.max_image_bytes,
             max_pixels=self._limits.max_image_pixels,
         )
-        return self._encoder.prepare_image(image)
+        return key, self._encoder.prepare_image(image)
+
+    def _text_options(self, options: TextOptions | None) -> tuple[str, Any]:
+        """The template and long-text strategy to use: the request's, else the settings'."""
+        template = self._settings.prompt_template
+        long_text = self._settings.long_text
+        if options is not None:
+            template = check_template(
+                options.prompt_template if options.prompt_template is not None else template
+            )
+            long_text = options.long_text or long_text
+        if long_text not in ("truncate", "sliding_window", "reject"):
+            raise InvalidArgument(f"long_text: unknown strategy {long_text!r}")
+        return template, long_text
 
     def _apply_batch_limits(self, max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
         """Validate and set the limits of both batch queues."""

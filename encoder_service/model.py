@@ -7,6 +7,7 @@ SiglipModel, ...), from a hub id or a local directory.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import clipsearch
 from clipsearch.settings import DEMO_MODEL
+from encoder_service.text import LongText, TextTokenizer
 
 DEMO_MODEL_ID = "clipsearch-demo"
 """The `model_id` reported for the bundled demo model."""
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 # SigLIP pools the last token and was trained on texts padded to the full context, so its
 # embeddings change with the padding; CLIP pools at EOS under a causal mask, so padding to
 # the longest text in the batch gives the same vectors 4-5x faster.
@@ -30,7 +32,11 @@ _PAD_TO_CONTEXT_MODEL_TYPES = frozenset({"siglip", "siglip2"})
 # Shortest-edge resizing of a 1x10000 strip would build a 224x2,240,000 intermediate;
 # cropping the centre to this aspect first keeps the result and bounds the memory.
 _MAX_ASPECT_BEFORE_CROP = 2.0
-_TEXT_INPUTS = ("input_ids", "attention_mask")
+
+ImageInput = tuple[torch.Tensor, ...]
+"""One prepared image: a (3, H, W) pixel tensor per resolution, the model's own first."""
+TokenRows = list[list[int]]
+"""One prepared text: token rows (several for a sliding window), each within the context."""
 
 
 def resolve_model(name: str) -> str:
@@ -50,97 +56,157 @@ def resolve_model(name: str) -> str:
 class ClipEncoder:
     """Encodes texts and images into one embedding space.
 
-    `prepare_image` is thread-safe and meant to run in decode workers; `encode_pixels` and
-    `encode_texts` run the model and should be called from one thread at a time.
+    `prepare_image` and `prepare_text` are thread-safe and meant to run off the model's
+    thread; `encode_pixels` and `encode_tokens` run the model and should be called from one
+    thread at a time.
 
     Attributes:
         model_id: The model name as configured (`"clipsearch-demo"` for the demo model).
         dim: Embedding dimension.
-        max_text_tokens: Context length; longer texts are truncated to it.
+        max_text_tokens: Context length in tokens (special tokens included).
+        image_size: The model's input resolution in pixels.
+        device: `"cpu"` or `"cuda"`.
+        dtype: `"fp32"`, `"bf16"`, `"fp16"` or `"int8"`.
+        scales: Image resolutions embedded and averaged, the model's own first.
     """
 
     def __init__(
-        self, model: str, *, device: str = "cpu", dtype: str = "fp32", torch_threads: int = 0
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        torch_threads: int = 0,
+        multiscale_sizes: Sequence[int] = (),
     ) -> None:
         """Load model, tokenizer and image processor.
 
         Args:
             model: `"demo"`, a hub id or a local directory.
             device: `"cpu"` or `"cuda"`.
-            dtype: `"fp32"`, `"bf16"` or `"fp16"` (fp16 only on cuda).
+            dtype: `"fp32"`, `"bf16"`, `"fp16"` (cuda only) or `"int8"` (dynamic
+                quantisation of the linear layers, cpu only).
             torch_threads: torch intra-op threads for this process; 0 keeps torch's default.
+            multiscale_sizes: Extra image resolutions whose embeddings are averaged with the
+                one at the model's resolution; empty for none.
 
         Raises:
-            ValueError: An unknown device or dtype, or fp16 on cpu.
+            ValueError: An unknown device or dtype, fp16 on cpu, int8 on cuda, or a
+                non-positive image size.
             RuntimeError: CUDA is not available, or the model cannot be loaded.
         """
-        self._device = torch.device(_check_device(device))
-        self._dtype = _check_dtype(dtype, device)
+        self.device = _check_device(device)
+        self.dtype = dtype
+        load_dtype = _check_dtype(dtype, device)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.model_id = DEMO_MODEL_ID if model == DEMO_MODEL else model
-        self._model, self._tokenizer, self._processor = _load(resolve_model(model), self._dtype)
-        self._model.to(self._device).eval()
-        self.max_text_tokens = _context_length(self._model.config, self._tokenizer)
+        self._model, tokenizer, self._processor = _load(resolve_model(model), load_dtype)
+        self._model.to(self.device).eval()
+        if dtype == "int8":
+            self._model = _quantised(self._model)
+        self._pixel_dtype = load_dtype or torch.float32
+        self.max_text_tokens = _context_length(self._model.config, tokenizer)
+        self._text = TextTokenizer(tokenizer, self.max_text_tokens)
+        self._tokenizer = tokenizer
         self._padding = (
             "max_length"
             if self._model.config.model_type in _PAD_TO_CONTEXT_MODEL_TYPES
             else "longest"
         )
         self._crops_centre = _crops_centre_after_resize(self._processor)
+        self.image_size = _image_size(self._model.config)
+        self.scales = (self.image_size, *_check_scales(multiscale_sizes, self.image_size))
         self.dim = 0
         self.dim = self._probe_dim()
 
-    def prepare_image(self, image: Image.Image) -> torch.Tensor:
-        """Run the checkpoint's image processor on one RGB image.
+    def prepare_image(self, image: Image.Image) -> ImageInput:
+        """Run the checkpoint's image processor on one RGB image, once per scale.
 
         Returns:
-            A (3, H, W) float32 pixel tensor ready for `encode_pixels`.
+            One (3, H, W) float32 pixel tensor per entry of `scales`.
         """
         if self._crops_centre:
             image = _limit_aspect(image, _MAX_ASPECT_BEFORE_CROP)
-        # Without an explicit layout a 1x1 or 3xN image is read as channels-first and breaks.
-        batch = self._processor(
-            images=[image], return_tensors="pt", input_data_format="channels_last"
-        )
-        return batch["pixel_values"][0]
+        return tuple(self._pixels(image, size) for size in self.scales)
+
+    def prepare_text(
+        self, text: str, long_text: LongText = "truncate", stride: int = 0
+    ) -> TokenRows:
+        """Tokenise one text into rows that fit the context (see `encoder_service.text`)."""
+        return self._text.rows(text, long_text, stride)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+    def encode_pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Embed prepared images.
 
         Args:
-            pixels: Tensors from `prepare_image`.
+            images: Results of `prepare_image`.
 
         Returns:
-            A (B, dim) float32 array of L2-normalised rows.
+            A (B, dim) float32 array of L2-normalised rows (the mean over scales,
+            re-normalised, when there are several).
         """
-        if len(pixels) == 0:
+        if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        stacked = torch.stack(list(pixels)).to(self._device, self._dtype)
-        return _normalised(self._model.get_image_features(pixel_values=stacked))
+        total: torch.Tensor | None = None
+        for index, size in enumerate(self.scales):
+            stacked = torch.stack([item[index] for item in images])
+            stacked = stacked.to(self.device, self._pixel_dtype)
+            output = self._model.get_image_features(
+                pixel_values=stacked, interpolate_pos_encoding=size != self.image_size
+            )
+            unit = _unit(output)
+            total = unit if total is None else total + unit
+        assert total is not None  # scales is never empty
+        return _numpy(torch.nn.functional.normalize(total, dim=-1))
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts, truncating each at `max_text_tokens`.
+    def encode_tokens(self, texts: Sequence[TokenRows]) -> np.ndarray:
+        """Embed prepared texts: every row at once, then each text's rows averaged.
 
         Args:
-            texts: The texts; validation (non-empty, byte limits) is the caller's job.
+            texts: Results of `prepare_text`.
 
         Returns:
             A (B, dim) float32 array of L2-normalised rows.
         """
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tokens = self._tokenizer(
-            list(texts),
+        rows = [row for text in texts for row in text]
+        batch = self._tokenizer.pad(
+            {"input_ids": rows},
             padding=self._padding,
-            truncation=True,
             max_length=self.max_text_tokens,
             return_tensors="pt",
         )
-        inputs = {k: v.to(self._device) for k, v in tokens.items() if k in _TEXT_INPUTS}
-        return _normalised(self._model.get_text_features(**inputs))
+        output = self._model.get_text_features(
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+        )
+        units = _unit(output)
+        if len(rows) == len(texts):
+            return _numpy(units)
+        owner = torch.tensor([n for n, text in enumerate(texts) for _ in text], device=self.device)
+        sums = torch.zeros(len(texts), units.shape[1], device=self.device).index_add_(
+            0, owner, units
+        )
+        return _numpy(torch.nn.functional.normalize(sums, dim=-1))
+
+    def encode_texts(
+        self, texts: Sequence[str], long_text: LongText = "truncate", stride: int = 0
+    ) -> np.ndarray:
+        """Tokenise and embed texts in one call (see `prepare_text`, `encode_tokens`)."""
+        return self.encode_tokens([self.prepare_text(t, long_text, stride) for t in texts])
+
+    def _pixels(self, image: Image.Image, size: int) -> torch.Tensor:
+        """Preprocess at the checkpoint's resolution or at `size` pixels."""
+        overrides = {} if size == self.image_size else _size_overrides(self._processor, size)
+        # Without an explicit layout a 1x1 or 3xN image is read as channels-first and breaks.
+        batch = self._processor(
+            images=[image], return_tensors="pt", input_data_format="channels_last", **overrides
+        )
+        return batch["pixel_values"][0]
 
     def _probe_dim(self) -> int:
         """Run both towers once: proves the checkpoint works and measures its dimension."""
@@ -164,16 +230,19 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _check_dtype(dtype: str, device: str) -> torch.dtype:
-    """Map the dtype name to torch; fp16 matmuls on CPU are slow or unsupported."""
+def _check_dtype(dtype: str, device: str) -> torch.dtype | None:
+    """Map the dtype name to the torch dtype weights load in (None: fp32, then quantised)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    # fp16 matmuls on CPU are slow or unsupported; dynamic quantisation is a CPU kernel.
     if dtype == "fp16" and device != "cuda":
-        raise ValueError("dtype 'fp16' needs device 'cuda'; use 'fp32' or 'bf16' on cpu")
+        raise ValueError("dtype 'fp16' needs device 'cuda'; use 'fp32', 'bf16' or 'int8' on cpu")
+    if dtype == "int8" and device != "cpu":
+        raise ValueError("dtype 'int8' (dynamic quantisation) runs on cpu; use 'fp16' on cuda")
     return _DTYPES[dtype]
 
 
-def _load(source: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+def _load(source: str, dtype: torch.dtype | None) -> tuple[Any, Any, Any]:
     """Load model, tokenizer and image processor, or raise RuntimeError naming the source."""
     tried = f"transformers AutoModel/AutoTokenizer/AutoImageProcessor.from_pretrained({source!r})"
     local = Path(source).expanduser()
@@ -181,7 +250,7 @@ def _load(source: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
         raise RuntimeError(f"could not load model: {tried}: directory {local} does not exist")
     options: dict[str, Any] = {"local_files_only": True} if local.is_dir() else {}
     try:
-        model = AutoModel.from_pretrained(source, dtype=dtype, **options)
+        model = AutoModel.from_pretrained(source, dtype=dtype or torch.float32, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         processor = _image_processor(source, options)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
@@ -233,10 +302,52 @@ def _limit_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
     return image.crop((left, top, left + min(width, limit), top + min(height, limit)))
 
 
-def _normalised(output: Any) -> np.ndarray:
-    """Take the embedding from a features output, L2-normalise it, return float32 numpy."""
+def _unit(output: Any) -> torch.Tensor:
+    """The L2-normalised float32 embedding from a features output."""
     # transformers 5 returns an output object with the embedding in `pooler_output`;
     # older versions (and some models) return the tensor itself.
     embedding = output if isinstance(output, torch.Tensor) else output.pooler_output
-    embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
+    return torch.nn.functional.normalize(embedding.float(), dim=-1)
+
+
+def _numpy(embedding: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy of an embedding tensor (on the CPU)."""
     return embedding.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _image_size(config: Any) -> int:
+    """The vision tower's input resolution."""
+    vision = getattr(config, "vision_config", config)
+    size = getattr(vision, "image_size", None)
+    if not isinstance(size, int) or size <= 0:
+        raise RuntimeError("cannot determine the model's image size")
+    return size
+
+
+def _check_scales(sizes: Sequence[int], native: int) -> tuple[int, ...]:
+    """Distinct extra resolutions, in order, without the model's own."""
+    extra: list[int] = []
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"multiscale_sizes must be positive integers, got {size!r}")
+        if size != native and size not in extra:
+            extra.append(size)
+    return tuple(extra)
+
+
+def _size_overrides(processor: Any, size: int) -> dict[str, Any]:
+    """Processor arguments that make it produce `size` x `size` pixels."""
+    if _crops_centre_after_resize(processor):
+        return {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    return {"size": {"height": size, "width": size}}
+
+
+def _quantised(model: Any) -> Any:
+    """Dynamic int8 quantisation of the linear layers (weights int8, activations per batch)."""
+    # torch marks eager-mode quantisation deprecated in favour of torchao, but it is still
+    # the one int8 path shipped inside torch itself and it works on this torch version.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

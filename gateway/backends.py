@@ -16,8 +16,17 @@ import ray
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
 
-from clipsearch.errors import ClipsearchError, ResourceExhausted, Unavailable
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from clipsearch.errors import ClipsearchError, InvalidArgument, ResourceExhausted, Unavailable
+from clipsearch.types import (
+    DocRecord,
+    DocWrite,
+    EncoderStats,
+    Modality,
+    SearchFilter,
+    ShardHits,
+    ShardStats,
+    TextOptions,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("clipsearch.gateway")
@@ -29,9 +38,13 @@ class EncoderBackend(Protocol):
     model_id: str
     dim: int
 
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+    async def encode_texts(
+        self, texts: Sequence[str], options: TextOptions | None = None
+    ) -> np.ndarray: ...
 
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray: ...
+
+    async def stats(self) -> EncoderStats: ...
 
 
 class ShardBackend(Protocol):
@@ -98,13 +111,31 @@ class RayEncoder:
         self.model_id = model_id
         self.dim = dim
 
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        calls = [call_remote(self._handle.encode_text.remote(t), "the encoder") for t in texts]
-        return self._stack(await asyncio.gather(*calls))
+    async def encode_texts(
+        self, texts: Sequence[str], options: TextOptions | None = None
+    ) -> np.ndarray:
+        calls = [self._handle.encode_text.remote(t, options) for t in texts]
+        return await self._gather(calls, "texts")
 
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
-        calls = [call_remote(self._handle.encode_image.remote(b), "the encoder") for b in images]
-        return self._stack(await asyncio.gather(*calls))
+        calls = [self._handle.encode_image.remote(b) for b in images]
+        return await self._gather(calls, "images")
+
+    async def stats(self) -> EncoderStats:
+        return await call_remote(self._handle.stats.remote(), "the encoder")
+
+    async def _gather(self, calls: list[Any], field: str) -> np.ndarray:
+        """Await per-item calls; an item's InvalidArgument names its index when there are
+        several (`texts[3]: ...`)."""
+        results = await asyncio.gather(
+            *(call_remote(c, "the encoder") for c in calls), return_exceptions=True
+        )
+        for index, result in enumerate(results):
+            if isinstance(result, InvalidArgument) and len(calls) > 1:
+                raise InvalidArgument(f"{field}[{index}]: {result}") from result
+            if isinstance(result, BaseException):
+                raise result
+        return self._stack(results)  # type: ignore[arg-type]
 
     def _stack(self, vectors: list[np.ndarray]) -> np.ndarray:
         if not vectors:

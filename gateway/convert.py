@@ -15,9 +15,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clipsearch.client import to_timestamp as timestamp
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import LimitSettings
-from clipsearch.types import DocRecord, Modality, SearchFilter
-from clipsearch.v1 import common_pb2, search_pb2
+from clipsearch.types import (
+    DocRecord,
+    EncoderStats,
+    LongTextStrategy,
+    Modality,
+    SearchFilter,
+    TextOptions,
+)
+from clipsearch.v1 import admin_pb2, common_pb2, search_pb2
 from gateway.coordinator import SearchOutcome, SearchQuery, UpsertItem
+
+_LONG_TEXT: dict[int, LongTextStrategy | None] = {
+    common_pb2.LONG_TEXT_UNSPECIFIED: None,
+    common_pb2.LONG_TEXT_TRUNCATE: "truncate",
+    common_pb2.LONG_TEXT_SLIDING_WINDOW: "sliding_window",
+    common_pb2.LONG_TEXT_REJECT: "reject",
+}
+# Documents are embedded as given unless the request names a template: the server's default
+# template is for queries ("a photo of {}" suits a query, not a stored caption).
+_DOCUMENT_TEMPLATE = "{}"
 
 _MODALITY = {
     common_pb2.MODALITY_UNSPECIFIED: Modality.IMAGE,
@@ -53,7 +70,9 @@ class Validator:
             allow_partial=req.allow_partial,
         )
         if kind == "text":
-            return SearchQuery(text=self.text(req.text, "text"), **common)  # type: ignore[arg-type]
+            text = self.text(req.text, "text")
+            options = self.text_options(req.text_options, "text_options")
+            return SearchQuery(text=text, text_options=options, **common)  # type: ignore[arg-type]
         if kind == "image":
             return SearchQuery(image=self.image(req.image, "image"), **common)  # type: ignore[arg-type]
         return SearchQuery(vector=self.vector(req.vector, "vector"), **common)  # type: ignore[arg-type]
@@ -65,6 +84,31 @@ class Validator:
         items = [self._upsert_item(d, f"documents[{n}]", now) for n, d in enumerate(docs)]
         self._distinct([i.record.id for i in items], "documents")
         return items
+
+    def text_options(
+        self, options: common_pb2.TextOptions, field: str, default_template: str | None = None
+    ) -> TextOptions:
+        """TextOptions with a checked template (exactly one "{}", within the text limit)."""
+        template = (
+            options.prompt_template if options.HasField("prompt_template") else default_template
+        )
+        if template is not None:
+            if template.count("{}") != 1:
+                raise InvalidArgument(
+                    f'{field}.prompt_template: must contain "{{}}" exactly once, where the '
+                    f"text goes (found {template.count('{}')})"
+                )
+            if len(template.encode("utf-8")) > self.limits.max_text_bytes:
+                raise InvalidArgument(
+                    f"{field}.prompt_template: over the limit of {self.limits.max_text_bytes} bytes"
+                )
+        if options.long_text not in _LONG_TEXT:
+            raise InvalidArgument(f"{field}.long_text: unknown strategy {options.long_text}")
+        return TextOptions(prompt_template=template, long_text=_LONG_TEXT[options.long_text])
+
+    def document_text_options(self, options: common_pb2.TextOptions, field: str) -> TextOptions:
+        """TextOptions for stored texts: an unset template means the bare text."""
+        return self.text_options(options, field, default_template=_DOCUMENT_TEMPLATE)
 
     def ids(self, ids: Iterable[str], field: str = "ids") -> list[str]:
         """A validated list of document ids."""
@@ -254,3 +298,24 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
 def vectors(arr: np.ndarray) -> list[common_pb2.Vector]:
     """Rows of a (n, d) array as Vector messages."""
     return [common_pb2.Vector(values=row.tolist()) for row in arr]
+
+
+def encoder_stats(stats: EncoderStats) -> admin_pb2.EncoderStats:
+    """The encoder's read-out as its protobuf message."""
+    modalities = {"text": common_pb2.MODALITY_TEXT, "image": common_pb2.MODALITY_IMAGE}
+    return admin_pb2.EncoderStats(
+        model_id=stats.model_id,
+        dimension=stats.dim,
+        normalized=stats.normalized,
+        device=stats.device,
+        dtype=stats.dtype,
+        context_length=stats.context_length,
+        image_size=stats.image_size,
+        batch_sizes=[
+            admin_pb2.BatchHistogram(modality=modalities[name], batches=dict(sizes))
+            for name, sizes in stats.batch_sizes.items()
+            if name in modalities
+        ],
+        cache=admin_pb2.CacheStats(**stats.cache),
+        replicas=stats.replicas,
+    )

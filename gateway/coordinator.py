@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from clipsearch.errors import NotFound, Unavailable
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from clipsearch.types import (
+    DocRecord,
+    DocWrite,
+    Modality,
+    SearchFilter,
+    ShardHits,
+    ShardStats,
+    TextOptions,
+)
 from gateway.backends import EncoderBackend, ShardBackend
 from gateway.ranking import RankedHit, candidate_count, is_exact, rank, unseen_bound
 from index_service.router import group_by_shard
@@ -37,6 +45,7 @@ class SearchQuery:
     alpha: float = 0.0
     reference_time: float = 0.0
     allow_partial: bool = False
+    text_options: TextOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +105,12 @@ class Coordinator:
             timings_ms={k: v * 1000.0 for k, v in timings.items()},
         )
 
-    async def upsert(self, items: Sequence[UpsertItem]) -> int:
-        """Encode raw inputs, then write each document to its shard."""
-        writes = await self._encode_items(items)
+    async def upsert(
+        self, items: Sequence[UpsertItem], text_options: TextOptions | None = None
+    ) -> int:
+        """Encode raw inputs (texts with `text_options`), then write each document to its
+        shard."""
+        writes = await self._encode_items(items, text_options)
         by_id = {w.record.id: w for w in writes}
         groups = group_by_shard(by_id, len(self.shards))
         await asyncio.gather(
@@ -133,7 +145,7 @@ class Coordinator:
         if q.vector is not None:
             return q.vector
         if q.text is not None:
-            return (await self.encoder.encode_texts([q.text]))[0]
+            return (await self.encoder.encode_texts([q.text], q.text_options))[0]
         assert q.image is not None  # guaranteed by validation
         return (await self.encoder.encode_images([q.image]))[0]
 
@@ -153,11 +165,17 @@ class Coordinator:
                 answers.append(result)
         return answers, missing
 
-    async def _encode_items(self, items: Sequence[UpsertItem]) -> list[DocWrite]:
+    async def _encode_items(
+        self, items: Sequence[UpsertItem], text_options: TextOptions | None
+    ) -> list[DocWrite]:
         texts = [i.text for i in items if i.text is not None]
         images = [i.image for i in items if i.image is not None]
+
+        async def encode_texts(inputs: list[str]) -> np.ndarray:
+            return await self.encoder.encode_texts(inputs, text_options)
+
         text_vecs, image_vecs = await asyncio.gather(
-            self._maybe(self.encoder.encode_texts, texts),
+            self._maybe(encode_texts, texts),
             self._maybe(self.encoder.encode_images, images),
         )
         text_iter, image_iter = iter(text_vecs), iter(image_vecs)

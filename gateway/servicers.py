@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -38,7 +39,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: search_pb2.UpsertRequest, context: grpc.aio.ServicerContext
     ) -> search_pb2.UpsertResponse:
         items = self._check.upsert_items(request, now=time.time())
-        return search_pb2.UpsertResponse(upserted=await self._coord.upsert(items))
+        options = self._check.document_text_options(request.text_options, "text_options")
+        return search_pb2.UpsertResponse(upserted=await self._coord.upsert(items, options))
 
     async def Delete(  # noqa: N802
         self, request: search_pb2.DeleteRequest, context: grpc.aio.ServicerContext
@@ -69,7 +71,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     ) -> encoder_pb2.EncodeTextResponse:
         self._check.encode_batch(len(request.texts), "texts")
         texts = [self._check.text(t, f"texts[{n}]") for n, t in enumerate(request.texts)]
-        vecs = await self._encoder.encode_texts(texts)
+        options = self._check.text_options(request.options, "options")
+        vecs = await self._encoder.encode_texts(texts, options)
         return encoder_pb2.EncodeTextResponse(**self._reply_fields(vecs))
 
     async def EncodeImage(  # noqa: N802
@@ -98,7 +101,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Stats(  # noqa: N802
         self, request: admin_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.StatsResponse:
-        shards = await self._coord.stats()
+        shards, encoder = await asyncio.gather(self._coord.stats(), self._coord.encoder.stats())
         return admin_pb2.StatsResponse(
             model_id=self._coord.encoder.model_id,
             dimension=self._coord.encoder.dim,
@@ -109,8 +112,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     documents=s.documents,
                     image_vectors=s.image_vectors,
                     text_vectors=s.text_vectors,
+                    snapshot_seq=s.snapshot_seq,
+                    log_records_since_snapshot=s.log_records_since_snapshot,
                 )
                 for s in shards
             ],
             total_documents=sum(s.documents for s in shards),
+            encoder=convert.encoder_stats(encoder),
         )

@@ -6,7 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from clipsearch.types import (
+    DocRecord,
+    DocWrite,
+    EncoderStats,
+    Modality,
+    SearchFilter,
+    ShardHits,
+    ShardStats,
+    TextOptions,
+)
 from index_service.shard import Shard
 
 
@@ -48,11 +57,17 @@ class HashEncoder:
         v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
         return v / np.linalg.norm(v)
 
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self._vec(t.encode()) for t in texts])
+    async def encode_texts(
+        self, texts: Sequence[str], options: TextOptions | None = None
+    ) -> np.ndarray:
+        template = (options.prompt_template if options else None) or "{}"
+        return np.stack([self._vec(template.replace("{}", t).encode()) for t in texts])
 
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
         return np.stack([self._vec(b) for b in images])
+
+    async def stats(self) -> EncoderStats:
+        return EncoderStats(self.model_id, self.dim, "cpu", "fp32", 77, 224, replicas=1)
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

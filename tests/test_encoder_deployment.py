@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import EncoderSettings, LimitSettings
+from clipsearch.types import EncoderStats, TextOptions
 from encoder_service.deployment import EncoderDeployment, _check_text, build_encoder_app
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
@@ -124,6 +125,38 @@ def test_reconfigure_rejects_bad_user_config(config: dict[str, object], message:
 def test_text_validation_messages(text: object, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         _check_text(text, LIMITS.max_text_bytes)
+
+
+def bare_replica(**encoder: object) -> EncoderDeployment:
+    """The deployment class without __init__ (no model), for its pure helpers."""
+    replica = object.__new__(EncoderDeployment.func_or_class)  # type: ignore[attr-defined]
+    replica._settings = EncoderSettings(**encoder)  # type: ignore[arg-type]
+    return replica  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("defaults", "options", "expected"),
+    [
+        ({}, None, ("{}", "truncate")),
+        (
+            {"prompt_template": "a photo of {}", "long_text": "reject"},
+            None,
+            ("a photo of {}", "reject"),
+        ),
+        ({"prompt_template": "a photo of {}"}, TextOptions(), ("a photo of {}", "truncate")),
+        ({"prompt_template": "a photo of {}"}, TextOptions("{}"), ("{}", "truncate")),
+        ({}, TextOptions("art: {}", "sliding_window"), ("art: {}", "sliding_window")),
+    ],
+)
+def test_request_options_override_the_settings(
+    defaults: dict[str, object], options: TextOptions | None, expected: tuple[str, str]
+) -> None:
+    assert bare_replica(**defaults)._text_options(options) == expected
+
+
+def test_bad_request_template_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match="exactly once"):
+        bare_replica()._text_options(TextOptions("no placeholder"))
 
 
 # --- integration -------------------------------------------------------------------------
@@ -256,3 +289,62 @@ def test_user_config_overrides_the_batch_limit(handle: DeploymentHandle, model_d
         assert sizes[4] * 4 >= 32, sizes
     finally:
         deploy(model_dir, max_batch_size=8)  # later tests share the module's deployment
+
+
+@integration
+def test_text_options_change_what_is_embedded(handle: DeploymentHandle, local: ClipEncoder) -> None:
+    long = " ".join(f"word{i} the cat" for i in range(30))
+    cases = [
+        ("cat", TextOptions("a photo of {}"), local.encode_texts(["a photo of cat"])[0]),
+        (
+            long,
+            TextOptions(long_text="sliding_window"),
+            local.encode_texts([long], "sliding_window")[0],
+        ),
+        (long, None, local.encode_texts([long])[0]),
+    ]
+    responses = [handle.encode_text.remote(text, options) for text, options, _ in cases]
+    for response, (_, _, expected) in zip(responses, cases, strict=True):
+        np.testing.assert_allclose(response.result(timeout_s=RESULT_TIMEOUT_S), expected, atol=1e-5)
+    with pytest.raises(InvalidArgument) as caught:
+        handle.encode_text.remote(long, TextOptions(long_text="reject")).result(
+            timeout_s=RESULT_TIMEOUT_S
+        )
+    assert "over the model's context of 16" in caller_message(caught.value)
+
+
+@integration
+def test_repeated_inputs_are_served_from_the_cache(handle: DeploymentHandle) -> None:
+    def counters() -> dict[str, int]:
+        return dict(handle.stats.remote().result(timeout_s=RESULT_TIMEOUT_S).cache)
+
+    image = png((1, 2, 3), (33, 17))
+    before = counters()
+    first_text = handle.encode_text.remote("cache me").result(timeout_s=RESULT_TIMEOUT_S)
+    first_image = handle.encode_image.remote(image).result(timeout_s=RESULT_TIMEOUT_S)
+    batches = sum(stats(handle, "text").values()) + sum(stats(handle, "image").values())
+    again_text = handle.encode_text.remote("cache me").result(timeout_s=RESULT_TIMEOUT_S)
+    again_image = handle.encode_image.remote(image).result(timeout_s=RESULT_TIMEOUT_S)
+    # Same text under another template is another input: a miss.
+    handle.encode_text.remote("cache me", TextOptions("a {}")).result(timeout_s=RESULT_TIMEOUT_S)
+    after = counters()
+    np.testing.assert_array_equal(first_text, again_text)
+    np.testing.assert_array_equal(first_image, again_image)
+    assert after["hits"] - before["hits"] == 2
+    assert after["misses"] - before["misses"] == 3
+    assert after["entries"] - before["entries"] == 3
+    assert 0 < after["bytes"] <= after["capacity_bytes"]
+    # The hits never reached the model: one new batch, for the templated text only.
+    assert sum(stats(handle, "text").values()) + sum(stats(handle, "image").values()) == batches + 1
+
+
+@integration
+def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_dir: Path) -> None:
+    handle.encode_text.remote("for the histogram").result(timeout_s=RESULT_TIMEOUT_S)
+    got = handle.stats.remote().result(timeout_s=RESULT_TIMEOUT_S)
+    assert isinstance(got, EncoderStats)
+    assert (got.model_id, got.dim, got.normalized) == (str(model_dir), 32, True)
+    assert (got.device, got.dtype, got.context_length, got.image_size) == ("cpu", "fp32", 16, 32)
+    assert got.replicas == 1
+    assert sum(got.batch_sizes["text"].values()) >= 1
+    assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}

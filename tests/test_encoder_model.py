@@ -141,7 +141,7 @@ def test_image_matches_transformers(encoder: ClipEncoder, oracle: Sequence[Any])
 
 def test_prepare_image_gives_channels_first_float(encoder: ClipEncoder) -> None:
     for size in [(1, 1), (3, 1), (1, 3), (3, 3), (40, 30)]:
-        pixels = encoder.prepare_image(Image.new("RGB", size, (200, 30, 30)))
+        (pixels,) = encoder.prepare_image(Image.new("RGB", size, (200, 30, 30)))
         assert pixels.shape == (3, 32, 32)
         assert pixels.dtype == torch.float32
 
@@ -151,7 +151,7 @@ def test_extreme_aspect_ratio_stays_small_and_keeps_the_centre(encoder: ClipEnco
     strip = Image.new("RGB", (3000, 10), (0, 0, 255))
     strip.paste((255, 0, 0), (1000, 0, 2000, 10))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pixels = encoder.prepare_image(Image.new("RGB", (1, 200_000)))
+    (pixels,) = encoder.prepare_image(Image.new("RGB", (1, 200_000)))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before < 200
     assert pixels.shape == (3, 32, 32)
     centre = encoder.prepare_image(strip)
@@ -163,7 +163,7 @@ def test_mild_aspect_crop_matches_processor(encoder: ClipEncoder, oracle: Sequen
     _, _, processor = oracle
     wide = images(5)[4]  # 120x80: inside the 2:1 bound, nothing is cropped beforehand
     expected = processor(images=[wide], return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(encoder.prepare_image(wide), expected)
+    torch.testing.assert_close(encoder.prepare_image(wide), (expected,))
 
 
 # --- batching and truncation -------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_empty_batches_give_empty_arrays(encoder: ClipEncoder) -> None:
 def test_prepare_image_is_thread_safe(encoder: ClipEncoder) -> None:
     pictures = images(6) * 4
     expected = [encoder.prepare_image(p) for p in pictures]
-    results: list[torch.Tensor | None] = [None] * len(pictures)
+    results: list[tuple[torch.Tensor, ...] | None] = [None] * len(pictures)
 
     def work(index: int) -> None:
         results[index] = encoder.prepare_image(pictures[index])
@@ -249,3 +249,105 @@ def test_siglip_checkpoint_loads_through_the_auto_classes(tmp_path: Path) -> Non
     )
     pixels = siglip.prepare_image(Image.new("RGB", (50, 20), (9, 99, 199)))
     assert_unit_float32(siglip.encode_pixels([pixels]), 1, 64)
+
+
+# --- precision options -----------------------------------------------------------------
+
+
+def test_int8_is_close_to_fp32_and_says_so(encoder: ClipEncoder, model_dir: Path) -> None:
+    quantised = ClipEncoder(str(model_dir), dtype="int8")
+    assert quantised.dtype == "int8"
+    linears = [m for m in quantised._model.modules() if type(m).__name__ == "Linear"]
+    assert linears and all(".quantized.dynamic." in type(m).__module__ for m in linears)
+    assert_unit_float32(quantised.encode_texts(TEXTS), len(TEXTS), 32)
+    assert_same_directions(quantised.encode_texts(TEXTS), encoder.encode_texts(TEXTS), 0.98)
+    pixels = [encoder.prepare_image(p) for p in images()]
+    assert_same_directions(quantised.encode_pixels(pixels), encoder.encode_pixels(pixels), 0.98)
+
+
+def test_int8_on_cuda_and_unknown_dtypes_are_refused() -> None:
+    from encoder_service.model import _check_dtype
+
+    with pytest.raises(ValueError, match="'int8' .* runs on cpu"):
+        _check_dtype("int8", "cuda")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        _check_dtype("fp8", "cpu")
+
+
+# --- long texts ----------------------------------------------------------------------------
+
+LONG = " ".join(f"word{i} the cat" for i in range(30))
+
+
+def test_sliding_window_is_the_normalised_mean_of_its_windows(
+    encoder: ClipEncoder, oracle: Sequence[Any]
+) -> None:
+    model, tokenizer, _ = oracle
+    rows = encoder.prepare_text(LONG, "sliding_window")
+    assert len(rows) >= 3
+    batch = tokenizer.pad({"input_ids": rows}, padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        windows = unit(model.get_text_features(**batch))
+    mean = windows.mean(axis=0)
+    expected = mean / np.linalg.norm(mean)
+    ours = encoder.encode_texts([LONG], "sliding_window")[0]
+    assert float(ours @ expected) >= 0.9999
+    truncated = encoder.encode_texts([LONG], "truncate")[0]
+    assert float(ours @ truncated) < 0.9999  # the later windows changed the vector
+
+
+def test_long_and_short_texts_batch_like_singles(encoder: ClipEncoder) -> None:
+    texts = [LONG, "the cat", LONG + " and a dog", "x"]
+    batched = encoder.encode_texts(texts, "sliding_window")
+    singles = np.concatenate([encoder.encode_texts([t], "sliding_window") for t in texts])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+
+
+def test_reject_refuses_only_texts_over_the_context(encoder: ClipEncoder) -> None:
+    from clipsearch.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=f"over the model's context of {TINY_CONTEXT}"):
+        encoder.encode_texts([LONG], "reject")
+    np.testing.assert_allclose(
+        encoder.encode_texts(["the cat"], "reject"), encoder.encode_texts(["the cat"]), atol=1e-6
+    )
+
+
+# --- multi-scale images --------------------------------------------------------------------
+
+
+def test_multiscale_fuses_the_model_and_the_larger_resolution(
+    model_dir: Path, oracle: Sequence[Any]
+) -> None:
+    model, _, processor = oracle
+    fused = ClipEncoder(str(model_dir), multiscale_sizes=[48, 32, 48])
+    assert fused.scales == (32, 48)
+    pictures = images()
+    base = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    large = processor(
+        images=pictures,
+        size={"shortest_edge": 48},
+        crop_size={"height": 48, "width": 48},
+        return_tensors="pt",
+    )["pixel_values"]
+    with torch.no_grad():
+        small_vecs = unit(model.get_image_features(pixel_values=base))
+        large_vecs = unit(
+            model.get_image_features(pixel_values=large, interpolate_pos_encoding=True)
+        )
+    mean = small_vecs + large_vecs
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    ours = fused.encode_pixels([fused.prepare_image(p) for p in pictures])
+    assert_unit_float32(ours, len(pictures), 32)
+    assert_same_directions(ours, expected)
+    assert not np.allclose(ours, small_vecs, atol=1e-3)
+
+
+def test_multiscale_sizes_must_be_positive(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="multiscale_sizes must be positive"):
+        ClipEncoder(str(model_dir), multiscale_sizes=[0])
+
+
+def test_reports_its_resolution_and_context(encoder: ClipEncoder) -> None:
+    assert (encoder.image_size, encoder.max_text_tokens) == (32, TINY_CONTEXT)
+    assert (encoder.device, encoder.dtype, encoder.scales) == ("cpu", "fp32", (32,))
