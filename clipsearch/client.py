@@ -300,6 +300,8 @@ def _search_result(resp: search_pb2.SearchResponse) -> SearchResult:
             "search": t.search_ms,
             "merge": t.merge_ms,
             "total": t.total_ms,
+            "decode": t.decode_ms,
+            "rerank": t.rerank_ms,
         },
         partial=resp.partial,
         missing_shards=tuple(resp.missing_shards),

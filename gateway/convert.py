@@ -291,6 +291,8 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
             search_ms=t.get("search", 0.0),
             merge_ms=t.get("merge", 0.0),
             total_ms=t.get("total", 0.0),
+            decode_ms=t.get("decode", 0.0),
+            rerank_ms=t.get("rerank", 0.0),
         ),
     )
 

@@ -31,8 +31,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Search(  # noqa: N802 (gRPC method names)
         self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> search_pb2.SearchResponse:
+        started = time.perf_counter()
         query = self._check.search_query(request)
+        decode_ms = (time.perf_counter() - started) * 1000.0
         outcome = await self._coord.search(query)
+        outcome.timings_ms["decode"] = decode_ms
+        outcome.timings_ms["total"] = outcome.timings_ms.get("total", 0.0) + decode_ms
         return convert.search_response(outcome, query)
 
     async def Upsert(  # noqa: N802

@@ -116,3 +116,24 @@ async def test_call_remote_cancels_the_remote_work_when_its_caller_is_cancelled(
         await task
     assert remote.cancelled
     cancel_remote(object())  # nothing to cancel: no error
+
+
+async def test_every_search_response_carries_the_timing_breakdown() -> None:
+    async with gateway() as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            vec = {"values": np.ones(DIM).tolist()}
+            doc = search_pb2.UpsertDocument(id="a", image_vector=vec, text="a red circle")
+            await stub.Upsert(search_pb2.UpsertRequest(documents=[doc]), timeout=10)
+            plain = await stub.Search(search_pb2.SearchRequest(text="a red", top_k=1), timeout=10)
+            recency = search_pb2.SearchRequest(
+                text="a red", top_k=1, recency=search_pb2.Recency(decay_per_day=0.5)
+            )
+            decayed = await stub.Search(recency, timeout=10)
+    for resp in (plain, decayed):
+        t = resp.timings
+        assert min(t.decode_ms, t.encode_ms, t.search_ms, t.merge_ms) > 0
+        parts = t.decode_ms + t.encode_ms + t.search_ms + t.merge_ms + t.rerank_ms
+        assert t.total_ms >= parts * 0.99
+        assert resp.shards_answered == resp.shards_total == 2
+    assert plain.timings.rerank_ms == 0 and decayed.timings.rerank_ms > 0

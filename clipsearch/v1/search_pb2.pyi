@@ -91,16 +91,20 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., similarity: _Optional[float] = ..., decay: _Optional[float] = ..., score: _Optional[float] = ..., publish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., caption: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("encode_ms", "search_ms", "merge_ms", "total_ms")
+    __slots__ = ("encode_ms", "search_ms", "merge_ms", "total_ms", "decode_ms", "rerank_ms")
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
     MERGE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     encode_ms: float
     search_ms: float
     merge_ms: float
     total_ms: float
-    def __init__(self, encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., merge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    decode_ms: float
+    rerank_ms: float
+    def __init__(self, encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., merge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "recency", "candidates_examined", "shards_answered", "shards_total", "timings", "partial", "missing_shards")

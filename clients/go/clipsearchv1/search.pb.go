@@ -484,11 +484,19 @@ func (x *Hit) GetCaption() string {
 
 // Where a request spent its time on the server, in milliseconds.
 type Timings struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EncodeMs      float64                `protobuf:"fixed64,1,opt,name=encode_ms,json=encodeMs,proto3" json:"encode_ms,omitempty"`
-	SearchMs      float64                `protobuf:"fixed64,2,opt,name=search_ms,json=searchMs,proto3" json:"search_ms,omitempty"`
-	MergeMs       float64                `protobuf:"fixed64,3,opt,name=merge_ms,json=mergeMs,proto3" json:"merge_ms,omitempty"`
-	TotalMs       float64                `protobuf:"fixed64,4,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Embedding the query (0 for a vector query).
+	EncodeMs float64 `protobuf:"fixed64,1,opt,name=encode_ms,json=encodeMs,proto3" json:"encode_ms,omitempty"`
+	// Fan-out: the shards' searches, every round.
+	SearchMs float64 `protobuf:"fixed64,2,opt,name=search_ms,json=searchMs,proto3" json:"search_ms,omitempty"`
+	// Merging the shards' candidates (without the recency decay).
+	MergeMs float64 `protobuf:"fixed64,3,opt,name=merge_ms,json=mergeMs,proto3" json:"merge_ms,omitempty"`
+	// From the request's arrival at the gateway's handler to the answer, decode included.
+	TotalMs float64 `protobuf:"fixed64,4,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
+	// Validating and decoding the request at the gateway.
+	DecodeMs float64 `protobuf:"fixed64,5,opt,name=decode_ms,json=decodeMs,proto3" json:"decode_ms,omitempty"`
+	// Applying the recency decay and re-ordering (0 when decay_per_day is 0).
+	RerankMs      float64 `protobuf:"fixed64,6,opt,name=rerank_ms,json=rerankMs,proto3" json:"rerank_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -547,6 +555,20 @@ func (x *Timings) GetMergeMs() float64 {
 func (x *Timings) GetTotalMs() float64 {
 	if x != nil {
 		return x.TotalMs
+	}
+	return 0
+}
+
+func (x *Timings) GetDecodeMs() float64 {
+	if x != nil {
+		return x.DecodeMs
+	}
+	return 0
+}
+
+func (x *Timings) GetRerankMs() float64 {
+	if x != nil {
+		return x.RerankMs
 	}
 	return 0
 }
@@ -1101,12 +1123,14 @@ const file_clipsearch_v1_search_proto_rawDesc = "" +
 	"\acaption\x18\a \x01(\tR\acaption\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"y\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb3\x01\n" +
 	"\aTimings\x12\x1b\n" +
 	"\tencode_ms\x18\x01 \x01(\x01R\bencodeMs\x12\x1b\n" +
 	"\tsearch_ms\x18\x02 \x01(\x01R\bsearchMs\x12\x19\n" +
 	"\bmerge_ms\x18\x03 \x01(\x01R\amergeMs\x12\x19\n" +
-	"\btotal_ms\x18\x04 \x01(\x01R\atotalMs\"\xda\x02\n" +
+	"\btotal_ms\x18\x04 \x01(\x01R\atotalMs\x12\x1b\n" +
+	"\tdecode_ms\x18\x05 \x01(\x01R\bdecodeMs\x12\x1b\n" +
+	"\trerank_ms\x18\x06 \x01(\x01R\brerankMs\"\xda\x02\n" +
 	"\x0eSearchResponse\x12&\n" +
 	"\x04hits\x18\x01 \x03(\v2\x12.clipsearch.v1.HitR\x04hits\x120\n" +
 	"\arecency\x18\x02 \x01(\v2\x16.clipsearch.v1.RecencyR\arecency\x12/\n" +
