@@ -86,6 +86,11 @@ def ann_recall(sweep: dict, ids: list[str]) -> dict:
     }
 
 
+def point_label(point: dict) -> str:
+    """ "nprobe=8", "ef_search=64", or "exact"."""
+    return "exact" if point["param"] == "exact" else f"{point['param']}={point['value']}"
+
+
 def plot(report: dict, path: Path) -> None:
     """Served vs offline Recall@K bars, and ANN recall vs QPS (matplotlib, Agg backend)."""
     import matplotlib
@@ -112,7 +117,7 @@ def plot(report: dict, path: Path) -> None:
     if points:
         curve.plot([p["qps"] for p in points], [p["recall"] for p in points], "o-")
         for p in points:
-            curve.annotate(f"{p['param']}={p['value']}", (p["qps"], p["recall"]), fontsize=7)
+            curve.annotate(point_label(p), (p["qps"], p["recall"]), fontsize=7)
     curve.set_xlabel("queries per second (one client, sequential)")
     curve.set_ylabel(f"recall@{ann.get('k', 10)} vs exact")
     curve.set_title(f"ANN operating points ({ann.get('index_type') or 'skipped'})")

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from clipsearch import recall
-from clipsearch.ann_sweep import ann_recall, ann_sweep, plot
+from clipsearch.ann_sweep import ann_recall, ann_sweep, plot, point_label
 from clipsearch.client import Client, Document
 from clipsearch.datasets import open_source
 
@@ -241,7 +241,7 @@ def format_report(report: dict) -> str:
     else:
         for p in ann["points"]:
             lines.append(
-                f"ANN {ann['index_type']} {p['param']}={p['value']}: "
+                f"ANN {ann['index_type']} {point_label(p)}: "
                 f"recall@{ann['k']} {p['recall']:.3f} at {p['qps']:.0f} QPS"
             )
         if ann["note"]:
