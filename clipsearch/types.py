@@ -81,6 +81,49 @@ class ShardHits:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchParams:
+    """Approximate-search knobs for one request; 0 takes the tuned default.
+
+    Attributes:
+        nprobe: IVF inverted lists probed (clamped to the list count).
+        ef_search: HNSW candidate list size (raised to k when smaller).
+    """
+
+    nprobe: int = 0
+    ef_search: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OperatingPoint:
+    """Default search parameters chosen by the tuner and what they measured."""
+
+    nprobe: int
+    ef_search: int
+    recall: float
+    target_recall: float
+    k: int
+    qps: float
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    """One modality's index inside a shard.
+
+    `bytes_per_vector` counts the index and the raw vectors kept beside it (for retraining,
+    exact re-ranking and filtered scans), divided by live vectors.
+    """
+
+    modality: Modality
+    active_type: str
+    configured_type: str
+    vectors: int
+    tombstones: int
+    bytes_per_vector: float
+    rebuilding: bool
+    operating_point: OperatingPoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardStats:
     """Counts one shard reports."""
 
@@ -91,6 +134,8 @@ class ShardStats:
     # Durability: the newest snapshot's sequence (0 = none) and log records written after it.
     snapshot_seq: int = 0
     log_records_since_snapshot: int = 0
+    # One entry per modality index (image, text).
+    indexes: tuple[IndexStats, ...] = ()
 
 
 LongTextStrategy = Literal["truncate", "sliding_window", "reject"]

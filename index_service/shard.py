@@ -1,7 +1,12 @@
-"""One shard: a Faiss index per modality, the id <-> label map, metadata and filters.
+"""One shard: a vector index per modality, the id <-> label map, metadata and filters.
 
 Pure engine: no Ray, no gRPC. Callers (the gateway) validate input; a violated invariant
-here is a bug and raises ValueError.
+here is a bug and raises ValueError. Thread-safe: searches and reads share a readers-writer
+lock, writes take it exclusively, and background rebuilds swap their index in under it
+(see index_service.vector_index).
+
+Labels are int64s handed out in increasing order; an upsert of an existing id gives it a
+new label and deletes the old one, so a replaced version can never be returned.
 """
 
 from __future__ import annotations
@@ -10,149 +15,228 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from clipsearch.settings import IndexSettings
+from clipsearch.types import (
+    DocRecord,
+    DocWrite,
+    Modality,
+    SearchFilter,
+    SearchParams,
+    ShardHits,
+    ShardStats,
+)
+from index_service.rwlock import RWLock
+from index_service.vector_index import VectorIndex
+from index_service.vectors import GrowArray
 
 _EMPTY = ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)
-
-
-def make_index(dim: int, factory: str) -> faiss.Index:
-    """An inner-product Faiss index from a factory string, addressable by our int64 labels."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if not isinstance(index, faiss.IndexIDMap):
-        index = faiss.IndexIDMap2(index)
-    return index
+_STATE = "records.json"
 
 
 class Shard:
-    """Documents of one shard, searchable by image or text embedding."""
+    """Documents of one shard, searchable by image or text embedding.
 
-    def __init__(self, shard_id: int, dim: int, factory: str = "Flat") -> None:
+    Args:
+        shard_id: The shard's number.
+        dim: Vector dimension.
+        index: Index settings (factory string, training threshold, tuner target, GPU), or
+            just a factory string with default settings otherwise.
+    """
+
+    def __init__(self, shard_id: int, dim: int, index: IndexSettings | str = "Flat") -> None:
         self.shard_id = shard_id
         self.dim = dim
-        self.factory = factory
-        self.clear()
+        self.settings = index if isinstance(index, IndexSettings) else IndexSettings(factory=index)
+        self.factory = self.settings.factory
+        self._lock = RWLock()
+        self._indexes: dict[Modality, VectorIndex] = {}
+        self._reset()
 
-    def clear(self) -> None:
-        """Drop every document."""
-        self._indexes = {m: make_index(self.dim, self.factory) for m in Modality}
+    def _reset(self) -> None:
+        for old in self._indexes.values():
+            old.close(wait=False)
+        self._indexes = {m: VectorIndex(self.dim, self.settings, self._lock, m) for m in Modality}
         self._label_of: dict[str, int] = {}
         self._records: dict[int, DocRecord] = {}
         self._by_meta: dict[tuple[str, str], set[int]] = {}
+        self._times = GrowArray(np.float64)
+        self._has = {m: GrowArray(np.bool_, False) for m in Modality}
         self._next_label = 0
+
+    def clear(self) -> None:
+        """Drop every document."""
+        with self._lock.write():
+            self._reset()
+
+    def close(self) -> None:
+        """Stop background rebuilds (waits for a running one)."""
+        for index in self._indexes.values():
+            index.close()
 
     def __len__(self) -> int:
         return len(self._label_of)
 
     def upsert(self, writes: Sequence[DocWrite]) -> None:
         """Store documents; an existing id is replaced as a whole."""
-        self.delete(w.record.id for w in writes)
-        labels = np.arange(self._next_label, self._next_label + len(writes), dtype=np.int64)
-        self._next_label += len(writes)
-        for label, write in zip(labels.tolist(), writes, strict=True):
-            self._remember(label, write.record)
-        for modality in Modality:
-            self._add_vectors(modality, labels, writes)
+        batches = {m: self._vectors(m, writes) for m in Modality}
+        with self._lock.write():
+            self._delete_locked([w.record.id for w in writes])
+            first = self._next_label
+            self._next_label += len(writes)
+            self._times.ensure(self._next_label)
+            for has in self._has.values():
+                has.ensure(self._next_label)
+            for label, write in enumerate(writes, start=first):
+                self._remember(label, write.record)
+            for modality, (offsets, vectors) in batches.items():
+                if len(offsets):
+                    labels = offsets + first
+                    self._has[modality].data[labels] = True
+                    self._indexes[modality].add(labels, vectors)
+            self._maybe_rebuild()
 
     def delete(self, doc_ids: Iterable[str]) -> int:
         """Remove documents by id; unknown ids are ignored. Returns how many existed."""
-        labels = [self._forget(i) for i in doc_ids if i in self._label_of]
-        if labels:
-            selector = faiss.IDSelectorBatch(np.asarray(labels, dtype=np.int64))
-            for index in self._indexes.values():
-                index.remove_ids(selector)
-        return len(labels)
+        with self._lock.write():
+            removed = self._delete_locked(doc_ids)
+            self._maybe_rebuild()
+        return removed
 
     def get(self, doc_ids: Sequence[str]) -> list[DocRecord | None]:
         """Records for the ids, None where an id is not stored."""
-        return [self._records[self._label_of[i]] if i in self._label_of else None for i in doc_ids]
+        with self._lock.read():
+            labels = [self._label_of.get(i) for i in doc_ids]
+            return [None if lb is None else self._records[lb] for lb in labels]
 
     def search(
-        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None = None
+        self,
+        modality: Modality,
+        query: np.ndarray,
+        k: int,
+        flt: SearchFilter | None = None,
+        params: SearchParams | None = None,
     ) -> ShardHits:
-        """Up to k best matches by inner product, restricted by `flt` inside Faiss."""
+        """Up to k best matches by inner product, restricted by `flt` inside the index.
+
+        Returns k hits whenever k documents match (see index_service.vector_index for how
+        each index type keeps that promise); `params` overrides the tuned nprobe/efSearch.
+        """
+        q = self._as_query(query)
         index = self._indexes[modality]
-        candidates = self._candidates(modality, flt)
-        n_candidates = index.ntotal if candidates is None else len(candidates)
-        if n_candidates == 0 or k <= 0:
-            return _EMPTY
-        params = None
-        if candidates is not None:
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(candidates))  # type: ignore[call-arg]
-        k_eff = min(k, n_candidates)
-        sims, labels = index.search(self._as_query(query), k_eff, params=params)
-        keep = labels[0] >= 0
-        records = tuple(self._records[int(lb)] for lb in labels[0][keep])
-        return ShardHits(sims[0][keep].astype(np.float32), records, len(records) >= n_candidates)
+        with self._lock.write() if index.exclusive_search else self._lock.read():
+            allowed = self._candidates(modality, flt)
+            n = len(index) if allowed is None else len(allowed)
+            if n == 0 or k <= 0:
+                return _EMPTY
+            sims, labels = index.search(q, k, allowed, params)
+            records = tuple(self._records[lb] for lb in labels.tolist())
+        return ShardHits(sims.astype(np.float32), records, len(records) >= n)
 
     def stats(self) -> ShardStats:
-        """Document and vector counts."""
-        return ShardStats(
-            shard=self.shard_id,
-            documents=len(self._label_of),
-            image_vectors=int(self._indexes[Modality.IMAGE].ntotal),
-            text_vectors=int(self._indexes[Modality.TEXT].ntotal),
-        )
+        """Document and vector counts, and each modality index's state."""
+        with self._lock.read():
+            indexes = tuple(self._indexes[m].stats() for m in Modality)
+            return ShardStats(
+                shard=self.shard_id,
+                documents=len(self._label_of),
+                image_vectors=indexes[0].vectors,
+                text_vectors=indexes[1].vectors,
+                indexes=indexes,
+            )
+
+    def wait_for_rebuilds(self, timeout: float | None = None) -> bool:
+        """Block until no background rebuild runs (tests, benchmarks); True if none does."""
+        return all(index.wait(timeout) for index in self._indexes.values())
 
     def save(self, directory: Path) -> None:
         """Write the shard's whole state as plain files into `directory` (no fsync).
 
-        The caller (index_service.snapshot) makes the directory atomic and checksummed and
-        calls this only between writes, so the files describe one consistent moment.
+        Consistent even while writes and a background rebuild run: it holds the lock, so it
+        writes the index searches see now plus the raw vectors a rebuild starts from; `load`
+        gives the same answers and resumes the rebuild. The caller (index_service.snapshot)
+        makes the directory atomic and checksummed.
         """
-        for modality, index in self._indexes.items():
-            faiss.write_index(index, str(directory / f"{modality.value}.faiss"))
-        rows = [
-            [lb, r.id, r.publish_time, dict(r.metadata), r.caption, r.has_image, r.has_text]
-            for lb, r in self._records.items()
-        ]
-        state = {"next_label": self._next_label, "records": rows}
-        (directory / "records.json").write_text(json.dumps(state, ensure_ascii=True))
+        with self._lock.read():
+            states = {m.value: self._indexes[m].save(directory) for m in Modality}
+            rows = [
+                [lb, r.id, r.publish_time, dict(r.metadata), r.caption, r.has_image, r.has_text]
+                for lb, r in self._records.items()
+            ]
+            state = {"next_label": self._next_label, "records": rows, "indexes": states}
+            (directory / _STATE).write_text(json.dumps(state, ensure_ascii=True))
 
     @classmethod
-    def load(cls, directory: Path, shard_id: int, dim: int, factory: str) -> Shard:
-        """A shard from files `save` wrote (already verified by the caller)."""
-        shard = cls(shard_id, dim, factory)
+    def load(
+        cls,
+        directory: Path,
+        shard_id: int,
+        dim: int,
+        index: IndexSettings | str,
+        *,
+        mmap: bool = False,
+    ) -> Shard:
+        """A shard from files `save` wrote (already verified by the caller).
+
+        With `mmap`, index files and raw vectors are memory-mapped where Faiss allows
+        (pages are read on use); the first write to a mapped index copies it into memory.
+        """
+        shard = cls(shard_id, dim, index)
+        state = json.loads((directory / _STATE).read_text())
         for modality in Modality:
-            index = faiss.read_index(str(directory / f"{modality.value}.faiss"))
-            if index.d != dim:
-                raise ValueError(f"{modality.value} index has dimension {index.d}, not {dim}")
-            shard._indexes[modality] = index
-        state = json.loads((directory / "records.json").read_text())
+            shard._indexes[modality].restore(directory, state["indexes"][modality.value], mmap)
+        shard._next_label = int(state["next_label"])
+        shard._times.ensure(shard._next_label)
+        for m in Modality:
+            shard._has[m].ensure(shard._next_label)
         for lb, doc_id, t, meta, caption, has_image, has_text in state["records"]:
             shard._remember(int(lb), DocRecord(doc_id, t, meta, caption, has_image, has_text))
-        shard._next_label = int(state["next_label"])
+            shard._has[Modality.IMAGE].data[lb] = has_image
+            shard._has[Modality.TEXT].data[lb] = has_text
+        with shard._lock.write():
+            shard._maybe_rebuild()
         return shard
 
+    def _maybe_rebuild(self) -> None:
+        for index in self._indexes.values():
+            index.maybe_rebuild()
+
     def _as_query(self, query: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query has dimension {q.shape[1]}, shard holds {self.dim}")
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.dim:
+            raise ValueError(f"query has dimension {q.shape[0]}, shard holds {self.dim}")
         return q
 
-    def _add_vectors(
-        self, modality: Modality, labels: np.ndarray, writes: Sequence[DocWrite]
-    ) -> None:
-        rows: list[tuple[int, np.ndarray]] = [
-            (lb, v)
-            for lb, w in zip(labels.tolist(), writes, strict=True)
-            if (v := w.vector(modality)) is not None
-        ]
-        if not rows:
-            return
-        vectors = np.stack([v for _, v in rows]).astype(np.float32, copy=False)
-        if vectors.shape[1] != self.dim:
-            raise ValueError(
-                f"{modality} vectors have dimension {vectors.shape[1]}, expected {self.dim}"
-            )
-        ids = np.fromiter((lb for lb, _ in rows), dtype=np.int64, count=len(rows))
-        self._indexes[modality].add_with_ids(np.ascontiguousarray(vectors), ids)
+    def _vectors(
+        self, modality: Modality, writes: Sequence[DocWrite]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets into writes, stacked vectors) of the writes carrying this modality."""
+        offsets = [n for n, w in enumerate(writes) if w.vector(modality) is not None]
+        if not offsets:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        vecs = np.stack([writes[n].vector(modality) for n in offsets]).astype(np.float32)  # type: ignore[misc]
+        if vecs.ndim != 2 or vecs.shape[1] != self.dim:
+            raise ValueError(f"{modality} vectors have dimension {vecs.shape[-1]}, not {self.dim}")
+        return np.asarray(offsets, dtype=np.int64), np.ascontiguousarray(vecs)
+
+    def _delete_locked(self, doc_ids: Iterable[str]) -> int:
+        labels = [self._forget(i) for i in dict.fromkeys(doc_ids) if i in self._label_of]
+        if not labels:
+            return 0
+        arr = np.asarray(labels, dtype=np.int64)
+        for modality, index in self._indexes.items():
+            has = self._has[modality].data
+            mine = arr[has[arr]]
+            if len(mine):
+                has[mine] = False
+                index.remove(mine)
+        return len(labels)
 
     def _remember(self, label: int, record: DocRecord) -> None:
         self._label_of[record.id] = label
         self._records[label] = record
+        self._times.data[label] = record.publish_time
         for pair in record.metadata.items():
             self._by_meta.setdefault(pair, set()).add(label)
 
@@ -167,16 +251,20 @@ class Shard:
         return label
 
     def _candidates(self, modality: Modality, flt: SearchFilter | None) -> np.ndarray | None:
-        """Labels passing the filter and holding this modality; None = no filter."""
+        """Sorted live labels passing the filter and holding this modality; None = no filter."""
         if flt is None or flt.is_empty:
             return None
+        has = self._has[modality].data
         if flt.metadata_equals:
             sets = [self._by_meta.get(pair, set()) for pair in flt.metadata_equals]
-            pool: Iterable[int] = set.intersection(*sets)
+            pool = np.fromiter(set.intersection(*sets), dtype=np.int64)
+            pool.sort()
+            pool = pool[has[pool]]
         else:
-            pool = self._records.keys()
-        has = "has_image" if modality is Modality.IMAGE else "has_text"
-        keep = [
-            lb for lb in pool if getattr(self._records[lb], has) and flt.matches(self._records[lb])
-        ]
-        return np.asarray(sorted(keep), dtype=np.int64)
+            pool = np.flatnonzero(has[: self._next_label]).astype(np.int64)
+        times = self._times.data
+        if flt.time_start is not None:
+            pool = pool[times[pool] >= flt.time_start]
+        if flt.time_end is not None:
+            pool = pool[times[pool] < flt.time_end]
+        return pool

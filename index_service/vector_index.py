@@ -1,0 +1,429 @@
+"""One modality's vectors inside a shard: the index answering searches, the raw vectors
+beside it, tombstones, and the background rebuild that trains the configured type.
+
+Locking: the shard's RWLock guards everything here. Writers hold it exclusively; searches
+hold it shared. A rebuild copies the raw vectors under the shared lock, trains and fills the
+new index with no lock held (searches and writes go on against the old index, and writes are
+journaled), then takes the exclusive lock to replay the journal into the new index and swap.
+
+Search guarantee (exact and IVF, and HNSW through its fallbacks): whenever at least k live
+vectors pass the filter, k are returned, and never a deleted or non-matching one:
+  * small candidate sets (<= EXACT_SCAN_MAX) are scanned exactly from the raw vectors;
+  * otherwise the ANN search runs with an ID selector and, if it returns fewer than k,
+    is retried with a wider search (IVF: 4x nprobe, then every list, which is exhaustive;
+    HNSW: 4x efSearch, then 4096) and finally answered by an exact scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from clipsearch.settings import IndexSettings
+from clipsearch.types import IndexStats, Modality, OperatingPoint, SearchParams
+from index_service import gpu
+from index_service.factory import (
+    FLAT,
+    MAX_EF_SEARCH,
+    Family,
+    IndexSpec,
+    build_index,
+    can_remove,
+    empty_index,
+    index_bytes,
+)
+from index_service.rwlock import RWLock
+from index_service.tuner import tune
+from index_service.vectors import VectorStore
+
+log = logging.getLogger("clipsearch.index")
+
+EXACT_SCAN_MAX = 4096
+"""Filtered searches with at most this many candidates scan them exactly."""
+COMPACT_FRACTION = 0.25
+"""HNSW is rebuilt without its tombstones once they exceed this share of its vectors."""
+COMPACT_MIN = 64
+
+_EMPTY = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64))
+Journal = list[tuple[np.ndarray, np.ndarray | None]]  # (labels, vectors) adds; None: delete
+
+
+class VectorIndex:
+    """The searchable vectors of one modality; callers hold the shard's lock as documented."""
+
+    def __init__(self, dim: int, settings: IndexSettings, lock: RWLock, modality: Modality):
+        self.dim = dim
+        self.modality = modality
+        self.spec = IndexSpec.parse(settings.factory, dim)
+        self._settings = settings
+        self._lock = lock
+        self._gpu = settings.use_gpu
+        if self._gpu:
+            gpu.check_gpu()
+        keep_raw = self.spec.family is not Family.FLAT or self._gpu
+        self._store = VectorStore(dim) if keep_raw else None
+        self._active_spec = IndexSpec.parse(FLAT, dim)
+        self._active = self._place(self._active_spec, empty_index(self._active_spec, dim))
+        self._dead: set[int] = set()
+        self._dead_sel: Any = None
+        self._journal: Journal | None = None
+        self._thread: threading.Thread | None = None
+        self._op: OperatingPoint | None = None
+        self._mapped = False
+        self._failed_at = 0
+        self._closed = False
+
+    # ---- writes (caller holds the lock exclusively) ----
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under new labels."""
+        self._own()
+        self._active.add_with_ids(vectors, labels)
+        if self._store is not None:
+            self._store.add(labels, vectors)
+        if self._journal is not None:
+            self._journal.append((labels, vectors))
+
+    def remove(self, labels: np.ndarray) -> None:
+        """Remove live labels (from the index, or as tombstones where it cannot delete)."""
+        self._own()
+        if self._removable(self._active):
+            self._active.remove_ids(faiss.IDSelectorBatch(labels))
+        else:
+            self._dead.update(labels.tolist())
+            self._dead_sel = None
+        if self._store is not None:
+            self._store.remove(labels)
+        if self._journal is not None:
+            self._journal.append((labels, None))
+
+    def maybe_rebuild(self) -> None:
+        """Start a background rebuild if the index should be trained or compacted."""
+        if self._closed or (self._thread is not None and self._thread.is_alive()):
+            return
+        if self._store is None or not self._rebuild_due():
+            return
+        self._thread = threading.Thread(
+            target=self._rebuild, name=f"rebuild-{self.modality.value}", daemon=True
+        )
+        self._thread.start()
+
+    # ---- reads (caller holds the lock shared; exclusively when `exclusive_search`) ----
+
+    @property
+    def exclusive_search(self) -> bool:
+        """GPU indexes are not thread-safe: their searches must not overlap anything."""
+        return self._gpu
+
+    def __len__(self) -> int:
+        if self._store is not None:
+            return len(self._store)
+        return int(self._active.ntotal) - len(self._dead)
+
+    def search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None, params: SearchParams | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top min(k, candidates) (similarities, labels); `allowed`: sorted live labels."""
+        n = len(self) if allowed is None else len(allowed)
+        want = min(k, n)
+        if want <= 0:
+            return _EMPTY
+        q = query.reshape(1, -1)
+        if allowed is not None and self._store is not None:
+            if len(allowed) <= EXACT_SCAN_MAX or self._gpu:
+                return self._exact(q[0], allowed, want)
+        sel = self._selector(allowed)
+        sims, labels = _EMPTY
+        for sp in self._escalation(self._resolve(params), want):
+            d, i = self.search_batch(q, want, sp, sel)
+            keep = i[0] >= 0
+            sims, labels = d[0][keep], i[0][keep]
+            if len(labels) >= want:
+                return sims, labels
+        if self._store is None:
+            return sims, labels
+        pool = allowed if allowed is not None else self._store.view()[1].copy()
+        return self._exact(q[0], pool, want)
+
+    def search_batch(
+        self, queries: np.ndarray, k: int, sp: SearchParams, sel: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One ANN pass for many queries (no fallbacks): (similarities, labels), -1 = none."""
+        if sel is None and self._dead:
+            sel = self._selector(None)
+        return _search_index(
+            self._active, self._active_spec, self._store, queries, k, sp, sel, self._dead
+        )
+
+    def default_params(self) -> SearchParams:
+        """The tuned operating point, or a middle-of-the-road setting before tuning."""
+        if self._op is not None:
+            return SearchParams(self._op.nprobe, self._op.ef_search)
+        return SearchParams(max(1, self._active_spec.nlist // 16), 128)
+
+    def stats(self) -> IndexStats:
+        """Counts, memory and the operating point of this index."""
+        live = len(self)
+        held = index_bytes(self._active) + (self._store.nbytes if self._store else 0)
+        return IndexStats(
+            modality=self.modality,
+            active_type=self._active_spec.factory,
+            configured_type=self.spec.factory,
+            vectors=live,
+            tombstones=len(self._dead),
+            bytes_per_vector=held / live if live else 0.0,
+            rebuilding=self.rebuilding,
+            operating_point=self._op,
+        )
+
+    @property
+    def rebuilding(self) -> bool:
+        """Whether a background rebuild is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (no lock held!) for a running rebuild; True when none is running."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.rebuilding
+
+    def close(self, wait: bool = True) -> None:
+        """Stop swapping in rebuilds; wait (no lock held!) for a running one to end."""
+        self._closed = True
+        if wait:
+            self.wait()
+
+    # ---- persistence (caller holds the lock, shared is enough) ----
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Write the index searches see now plus the raw vectors; returns state for JSON."""
+        stem = self.modality.value
+        index = self._active
+        if self._gpu and gpu.movable(self._active_spec):
+            index = gpu.to_cpu(self._active_spec, index, *self._raw())
+        faiss.write_index(index, str(directory / f"{stem}.faiss"))
+        if self._store is not None:
+            self._store.save(directory, stem)
+        dead = [] if index is not self._active else sorted(self._dead)
+        return {
+            "active": self._active_spec.factory,
+            "dead": dead,
+            "operating_point": asdict(self._op) if self._op else None,
+        }
+
+    def restore(self, directory: Path, state: dict[str, Any], mmap: bool) -> None:
+        """Load what `save` wrote (before any other use of this object)."""
+        stem = self.modality.value
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+        index = faiss.read_index(str(directory / f"{stem}.faiss"), flags)
+        if index.d != self.dim:
+            raise ValueError(f"{stem} index has dimension {index.d}, not {self.dim}")
+        self._active_spec = IndexSpec.parse(state["active"], self.dim)
+        if self._store is not None:
+            self._store = VectorStore.load(directory, stem, self.dim, mmap)
+        self._dead = set(state["dead"])
+        op = state.get("operating_point")
+        self._op = OperatingPoint(**op) if op else None
+        self._mapped = mmap
+        if self._gpu and gpu.movable(self._active_spec):
+            index, self._mapped = gpu.to_gpu(self._active_spec, index, *self._raw()), False
+        self._active = index
+
+    # ---- internals ----
+
+    def _own(self) -> None:
+        """A memory-mapped index is read-only (a write aborts the process): copy it first."""
+        if self._mapped:
+            self._active = faiss.deserialize_index(faiss.serialize_index(self._active))
+            self._mapped = False
+
+    def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._store is None:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return self._store.view()
+
+    def _removable(self, index: faiss.Index) -> bool:
+        return not self._gpu and can_remove(index)
+
+    def _rebuild_due(self) -> bool:
+        assert self._store is not None
+        n = len(self._store)
+        if self._active_spec != self.spec:
+            floor = max(self._settings.train_min_vectors or self.spec.auto_train_min(), 1)
+            floor = max(floor, self.spec.nlist, 2**self.spec.codebook_bits)
+            return n >= floor and n >= 2 * self._failed_at
+        total = int(self._active.ntotal)
+        return len(self._dead) >= max(COMPACT_MIN, COMPACT_FRACTION * total)
+
+    def _rebuild(self) -> None:
+        try:
+            with self._lock.read():
+                assert self._store is not None
+                vecs, labels = self._store.copy()
+                self._journal = []
+            new, op = self._build(vecs, labels)
+            del vecs
+            with self._lock.write():
+                if not self._closed:
+                    self._swap(new, op)
+                self._journal = None
+        except Exception:
+            log.exception("rebuilding the %s index as %s failed", self.modality, self.spec.factory)
+            with self._lock.write():
+                self._journal = None
+                self._failed_at = len(self._store) if self._store is not None else 0
+
+    def _build(self, vecs: np.ndarray, labels: np.ndarray) -> tuple[Any, OperatingPoint | None]:
+        """Train and fill a new index from a copy of the raw vectors, then tune it."""
+        new = build_index(self.spec, vecs, labels)
+        frozen = VectorStore.of(vecs, labels)
+
+        def search(queries: np.ndarray, k: int, sp: SearchParams) -> np.ndarray:
+            return _search_index(new, self.spec, frozen, queries, k, sp, None, set())[1]
+
+        s = self._settings
+        op = tune(self.spec, search, vecs, labels, s.target_recall, s.tune_k)
+        return self._place(self.spec, new, vecs, labels), op
+
+    def _swap(self, new: Any, op: OperatingPoint | None) -> None:
+        """Replay writes made during the build into `new`, then make it the active index."""
+        assert self._journal is not None
+        dead: set[int] = set()
+        for labels, vectors in self._journal:
+            if vectors is not None:
+                new.add_with_ids(vectors, labels)
+            elif self._removable(new):
+                new.remove_ids(faiss.IDSelectorBatch(labels))
+            else:
+                dead.update(labels.tolist())
+        self._active, self._active_spec, self._op = new, self.spec, op
+        self._dead, self._dead_sel, self._mapped = dead, None, False
+        log.info("%s index is now %s (%d vectors)", self.modality, self.spec.factory, len(self))
+
+    def _place(
+        self,
+        spec: IndexSpec,
+        index: Any,
+        vecs: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+    ) -> Any:
+        if not self._gpu or not gpu.movable(spec):
+            return index
+        if vecs is None or labels is None:
+            vecs, labels = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return gpu.to_gpu(spec, index, vecs, labels)
+
+    def _resolve(self, params: SearchParams | None) -> SearchParams:
+        base = self.default_params()
+        if params is None:
+            return base
+        return SearchParams(params.nprobe or base.nprobe, params.ef_search or base.ef_search)
+
+    def _escalation(self, sp: SearchParams, k: int) -> list[SearchParams]:
+        """The requested setting, then wider ones that make a short answer less likely."""
+        family = self._active_spec.family
+        if family is Family.IVF:
+            top = self._active_spec.nlist
+            steps = [min(sp.nprobe, top), min(4 * sp.nprobe, top), top]
+            return [SearchParams(nprobe=p) for p in dict.fromkeys(steps)]
+        if family is Family.HNSW:
+            ef = max(sp.ef_search, k)
+            steps = [ef, min(4 * ef, MAX_EF_SEARCH), MAX_EF_SEARCH]
+            return [SearchParams(ef_search=e) for e in dict.fromkeys(steps) if e >= ef]
+        return [sp]
+
+    def _selector(self, allowed: np.ndarray | None) -> Any:
+        """An ID selector admitting `allowed` (or everything but tombstones); None = all."""
+        if self._gpu:
+            return None
+        if allowed is not None:
+            return _BitmapSelector(allowed)
+        if not self._dead:
+            return None
+        sel = self._dead_sel
+        if sel is None:  # cached until the tombstones change
+            sel = self._dead_sel = _NotSelector(np.fromiter(self._dead, dtype=np.int64))
+        return sel
+
+    def _exact(self, query: np.ndarray, labels: np.ndarray, want: int) -> tuple[Any, Any]:
+        assert self._store is not None
+        sims = self._store.get(labels) @ query
+        top = np.argpartition(-sims, want - 1)[:want] if want < len(sims) else np.arange(len(sims))
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return sims[top].astype(np.float32), labels[top]
+
+
+class _BitmapSelector:
+    """faiss.IDSelectorBitmap over sorted labels, keeping its bitmap alive."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        bits = np.zeros(int(labels[-1]) + 1 if len(labels) else 1, dtype=bool)
+        bits[labels] = True
+        self._bitmap = np.packbits(bits, bitorder="little")
+        self.sel = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+
+
+class _NotSelector:
+    """Everything except `labels` (tombstones)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self._batch = faiss.IDSelectorBatch(labels)
+        self.sel = faiss.IDSelectorNot(self._batch)
+
+
+def _search_index(
+    index: Any,
+    spec: IndexSpec,
+    store: VectorStore | None,
+    queries: np.ndarray,
+    k: int,
+    sp: SearchParams,
+    sel: Any,
+    dead: set[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Faiss search with `sp`, re-ranked on raw vectors for lossy codes."""
+    refine = spec.lossy and store is not None
+    fetch = k * spec.refine if refine else k
+    if dead and sel is None:  # no selectors (GPU): over-fetch past the tombstones
+        fetch += len(dead)
+    raw = sel.sel if sel is not None else None
+    d, i = index.search(np.ascontiguousarray(queries), fetch, params=_faiss_params(spec, sp, raw))
+    if dead and sel is None:
+        i = np.where(np.isin(i, np.fromiter(dead, dtype=np.int64)), -1, i)
+        d = np.where(i < 0, -np.inf, d)
+    if refine:
+        assert store is not None
+        d, i = _rerank(store, queries, i)
+    elif dead and sel is None:
+        order = np.argsort(-d, axis=1, kind="stable")
+        d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return d[:, :k], i[:, :k]
+
+
+def _faiss_params(spec: IndexSpec, sp: SearchParams, sel: Any) -> Any:
+    fa: Any = faiss  # the SWIG stubs lack these keyword constructors
+    if spec.family is Family.IVF:
+        nprobe = min(max(1, sp.nprobe), spec.nlist)
+        return fa.SearchParametersIVF(nprobe=nprobe, sel=sel)
+    if spec.family is Family.HNSW:
+        return fa.SearchParametersHNSW(efSearch=max(1, sp.ef_search), sel=sel)
+    return fa.SearchParameters(sel=sel) if sel is not None else None
+
+
+def _rerank(store: VectorStore, queries: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
+    """Exact similarities for candidate labels, best first (-1 labels sink to the end)."""
+    valid = labels >= 0
+    if not valid.any():
+        return np.full(labels.shape, -np.inf, dtype=np.float32), labels
+    vecs = store.get(np.where(valid, labels, labels[valid][0]))
+    sims = np.einsum("qfd,qd->qf", vecs, queries)
+    sims = np.where(valid, sims, -np.inf).astype(np.float32)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(labels, order, 1)
