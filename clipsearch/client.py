@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from clipsearch.types import TextOptions
+from clipsearch.types import SearchParams, TextOptions
 from clipsearch.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -157,17 +157,22 @@ class Client:
         reference_time: TimeLike | None = None,
         allow_partial: bool = False,
         text_options: TextOptions | None = None,
+        search_params: SearchParams | None = None,
     ) -> SearchResult:
         """Nearest documents to one query (text, image bytes or vector) in `target` space.
 
         `text_options` sets the prompt template and long-text strategy of a text query
-        (unset fields: the server's defaults).
+        (unset fields: the server's defaults). `search_params` sets nprobe / efSearch for
+        approximate indexes (0 fields: the shard's tuned operating point).
         """
         req = search_pb2.SearchRequest(
             top_k=top_k, target=_TARGETS[target], allow_partial=allow_partial
         )
         if text_options is not None:
             req.text_options.CopyFrom(to_text_options(text_options))
+        if search_params is not None:
+            req.search_params.nprobe = search_params.nprobe
+            req.search_params.ef_search = search_params.ef_search
         if text is not None:
             req.text = text
         if image is not None:

@@ -23,6 +23,7 @@ from clipsearch.types import (
     EncoderStats,
     Modality,
     SearchFilter,
+    SearchParams,
     ShardHits,
     ShardStats,
     TextOptions,
@@ -51,7 +52,12 @@ class ShardBackend(Protocol):
     """One shard, reached asynchronously."""
 
     async def search(
-        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+        self,
+        modality: Modality,
+        query: np.ndarray,
+        k: int,
+        flt: SearchFilter | None,
+        params: SearchParams | None = None,
     ) -> ShardHits: ...
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int: ...
@@ -151,9 +157,15 @@ class RayShard:
         self._what = f"shard {shard_id}"
 
     async def search(
-        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+        self,
+        modality: Modality,
+        query: np.ndarray,
+        k: int,
+        flt: SearchFilter | None,
+        params: SearchParams | None = None,
     ) -> ShardHits:
-        return await call_remote(self._actor.search.remote(modality, query, k, flt), self._what)
+        call = self._actor.search.remote(modality, query, k, flt, params)
+        return await call_remote(call, self._what)
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:
         return await call_remote(self._actor.upsert.remote(list(writes)), self._what)

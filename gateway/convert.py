@@ -6,6 +6,7 @@ Every check raises InvalidArgument naming the field and the limit, so a caller c
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable
 
@@ -18,9 +19,11 @@ from clipsearch.settings import LimitSettings
 from clipsearch.types import (
     DocRecord,
     EncoderStats,
+    IndexStats,
     LongTextStrategy,
     Modality,
     SearchFilter,
+    SearchParams,
     TextOptions,
 )
 from clipsearch.v1 import admin_pb2, common_pb2, search_pb2
@@ -36,6 +39,11 @@ _LONG_TEXT: dict[int, LongTextStrategy | None] = {
 # template is for queries ("a photo of {}" suits a query, not a stored caption).
 _DOCUMENT_TEMPLATE = "{}"
 
+MAX_EF_SEARCH = 4096
+"""Largest efSearch a request may ask for (documented in search.proto)."""
+
+_MODALITY_PB = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.TEXT: common_pb2.MODALITY_TEXT}
+
 _MODALITY = {
     common_pb2.MODALITY_UNSPECIFIED: Modality.IMAGE,
     common_pb2.MODALITY_IMAGE: Modality.IMAGE,
@@ -46,9 +54,12 @@ _MODALITY = {
 class Validator:
     """Checks requests against the configured limits and the model's dimension."""
 
-    def __init__(self, limits: LimitSettings, dim: int) -> None:
+    def __init__(self, limits: LimitSettings, dim: int, factory: str = "Flat") -> None:
         self.limits = limits
         self.dim = dim
+        ivf = re.match(r"IVF(\d+),", factory)
+        # nprobe beyond the list count means nothing; exact and HNSW indexes ignore it.
+        self.max_nprobe = int(ivf.group(1)) if ivf else MAX_EF_SEARCH
 
     def search_query(self, req: search_pb2.SearchRequest) -> SearchQuery:
         """A SearchRequest as a validated SearchQuery."""
@@ -68,6 +79,7 @@ class Validator:
             alpha=alpha,
             reference_time=ref,
             allow_partial=req.allow_partial,
+            params=self._search_params(req, top_k),
         )
         if kind == "text":
             text = self.text(req.text, "text")
@@ -164,6 +176,22 @@ class Validator:
         if not 1 <= top_k <= self.limits.max_top_k:
             raise InvalidArgument(f"top_k: must be 1 to {self.limits.max_top_k}, got {top_k}")
         return top_k
+
+    def _search_params(self, req: search_pb2.SearchRequest, top_k: int) -> SearchParams | None:
+        if not req.HasField("search_params"):
+            return None
+        p = req.search_params
+        if p.nprobe > self.max_nprobe:
+            raise InvalidArgument(
+                f"search_params.nprobe: must be 0 (tuned default) or 1 to {self.max_nprobe}, "
+                f"got {p.nprobe}"
+            )
+        if p.ef_search and not top_k <= p.ef_search <= MAX_EF_SEARCH:
+            raise InvalidArgument(
+                f"search_params.ef_search: must be 0 (tuned default) or top_k ({top_k}) to "
+                f"{MAX_EF_SEARCH}, got {p.ef_search}"
+            )
+        return SearchParams(nprobe=p.nprobe, ef_search=p.ef_search)
 
     def _recency(self, req: search_pb2.SearchRequest) -> tuple[float, float]:
         alpha = req.recency.decay_per_day
@@ -295,6 +323,32 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
             rerank_ms=t.get("rerank", 0.0),
         ),
     )
+
+
+def index_stats(s: IndexStats) -> admin_pb2.IndexStats:
+    """One modality index's state as a protobuf IndexStats."""
+    msg = admin_pb2.IndexStats(
+        modality=_MODALITY_PB[s.modality],
+        active_type=s.active_type,
+        configured_type=s.configured_type,
+        vectors=s.vectors,
+        tombstones=s.tombstones,
+        bytes_per_vector=s.bytes_per_vector,
+        rebuilding=s.rebuilding,
+    )
+    if s.operating_point is not None:
+        op = s.operating_point
+        msg.operating_point.CopyFrom(
+            admin_pb2.OperatingPoint(
+                nprobe=op.nprobe,
+                ef_search=op.ef_search,
+                recall=op.recall,
+                target_recall=op.target_recall,
+                k=op.k,
+                qps=op.qps,
+            )
+        )
+    return msg
 
 
 def vectors(arr: np.ndarray) -> list[common_pb2.Vector]:

@@ -19,6 +19,7 @@ from clipsearch.types import (
     DocWrite,
     Modality,
     SearchFilter,
+    SearchParams,
     ShardHits,
     ShardStats,
     TextOptions,
@@ -46,6 +47,7 @@ class SearchQuery:
     reference_time: float = 0.0
     allow_partial: bool = False
     text_options: TextOptions | None = None
+    params: SearchParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,7 @@ class Coordinator:
         self, q: SearchQuery, vector: np.ndarray, k: int
     ) -> tuple[list[ShardHits], set[int]]:
         """Every shard's answer; unavailable shards are skipped only if the query allows."""
-        calls = (s.search(q.target, vector, k, q.flt) for s in self.shards)
+        calls = (s.search(q.target, vector, k, q.flt, q.params) for s in self.shards)
         results = await asyncio.gather(*calls, return_exceptions=True)
         answers, missing = [], set()
         for shard_id, result in enumerate(results):

@@ -92,7 +92,7 @@ async def create_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    validator = Validator(settings.limits, coordinator.encoder.dim)
+    validator = Validator(settings.limits, coordinator.encoder.dim, settings.index.factory)
     search_pb2_grpc.add_SearchServiceServicer_to_server(
         SearchServicer(coordinator, validator), server
     )

@@ -118,6 +118,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     text_vectors=s.text_vectors,
                     snapshot_seq=s.snapshot_seq,
                     log_records_since_snapshot=s.log_records_since_snapshot,
+                    indexes=[convert.index_stats(i) for i in s.indexes],
                 )
                 for s in shards
             ],

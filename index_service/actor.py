@@ -27,7 +27,15 @@ import ray
 
 from clipsearch.errors import Unavailable
 from clipsearch.settings import IndexSettings
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, ShardHits, ShardStats
+from clipsearch.types import (
+    DocRecord,
+    DocWrite,
+    Modality,
+    SearchFilter,
+    SearchParams,
+    ShardHits,
+    ShardStats,
+)
 from index_service.shard import Shard
 from index_service.snapshot import SnapshotStore
 from index_service.wal import DeleteOp, LogError, ShardLog, UpsertOp
@@ -70,12 +78,12 @@ class ShardActor:
         """The newest snapshot that verifies and loads, else an empty shard at sequence 0."""
         for snap in self._snapshots.verified():
             try:
-                shard = Shard.load(snap.path, shard_id, dim, self._settings.factory)
+                shard = Shard.load(snap.path, shard_id, dim, self._settings)
             except Exception:  # a verified file Faiss still refuses: try an older one
                 log.exception("shard %d: snapshot %s does not load", shard_id, snap.path.name)
                 continue
             return shard, snap.seq
-        return Shard(shard_id, dim, self._settings.factory), 0
+        return Shard(shard_id, dim, self._settings), 0
 
     def ready(self) -> int:
         """Returns the shard id once constructed and recovered (used to wait for start-up)."""
@@ -95,9 +103,14 @@ class ShardActor:
         return self._shard.get(doc_ids)
 
     def search(
-        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+        self,
+        modality: Modality,
+        query: np.ndarray,
+        k: int,
+        flt: SearchFilter | None,
+        params: SearchParams | None = None,
     ) -> ShardHits:
-        return self._shard.search(modality, query, k, flt)
+        return self._shard.search(modality, query, k, flt, params)
 
     def stats(self) -> ShardStats:
         return replace(

@@ -12,6 +12,7 @@ from clipsearch.types import (
     EncoderStats,
     Modality,
     SearchFilter,
+    SearchParams,
     ShardHits,
     ShardStats,
     TextOptions,
@@ -26,9 +27,14 @@ class LocalShard:
         self.shard = shard
 
     async def search(
-        self, modality: Modality, query: np.ndarray, k: int, flt: SearchFilter | None
+        self,
+        modality: Modality,
+        query: np.ndarray,
+        k: int,
+        flt: SearchFilter | None,
+        params: SearchParams | None = None,
     ) -> ShardHits:
-        return self.shard.search(modality, query, k, flt)
+        return self.shard.search(modality, query, k, flt, params)
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:
         self.shard.upsert(writes)
