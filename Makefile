@@ -13,7 +13,7 @@ STAMP := $(VENV)/.deps-$(DEPS_HASH)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all lint proto demo-model clean-venv
+.PHONY: install serve test test-all lint proto demo-model clean-venv bench
 
 install: $(STAMP)
 
@@ -93,3 +93,7 @@ docker-lint: tools
 ## Regenerate the Go stubs in clients/go from protos/ (pinned protoc and plugins).
 go-stubs: install tools
 	PY=$(PY) scripts/gen_go_stubs.sh
+
+## Benchmarks: served vs raw, side by side (each prints its own table; minutes on 2 cores).
+bench: install
+	for script in bench/*.py; do $(RUN) $$script || exit 1; done

@@ -1,0 +1,396 @@
+"""The served encoder vs the raw model, measured side by side in one run.
+
+Builds a randomly initialised ViT-B/32 CLIP (`CLIPConfig()` defaults: the real shapes and
+compute) in a temporary directory, with the bundled demo tokenizer, and loads it through
+the same `from_pretrained` path as any checkpoint. For each precision it then measures, on
+this machine and in this run:
+
+  image thr.  served EncodeImage through the gRPC gateway at concurrency 16 (one image per
+              call; decode + preprocess included) / raw get_image_features at batch B
+  text thr.   the same for 16-token captions / raw get_text_features at batch B
+  batching    served at max_batch_size B / served at max_batch_size 1 (both at conc. 16)
+  low load    p50 of one call at a time minus the raw batch-1 forward, against the budget
+              batch_wait_timeout_s + 3 ms
+  cosine      min cosine of the served vectors to raw fp32 get_*_features on the same inputs
+
+Usage: PYTHONPATH=. python bench/encoder.py [--dtypes fp32,bf16,int8] [--batch 8]
+         [--threads N] [--seconds 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from clipsearch.launcher import init_ray
+from clipsearch.settings import load_settings
+from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from encoder_service.model import resolve_model
+
+CONCURRENCY = 16
+CAPTION_TOKENS = 16
+WORDS = "a the red blue green small large circle square star on of and with".split()
+
+
+def build_vit_b32(directory: Path, seed: int = 0) -> Path:
+    """A random-init ViT-B/32 checkpoint (+ demo tokenizer, CLIP processor) in `directory`."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("demo"))
+    tokenizer.model_max_length = 77
+    config = CLIPConfig()
+    # Only the special-token ids follow the tokenizer (CLIP pools at the EOS token).
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessorPil().save_pretrained(directory)
+    return directory
+
+
+def captions(tokenizer: Any, n: int, seed: int = 0) -> list[str]:
+    """`n` distinct captions of exactly CAPTION_TOKENS tokens (special tokens included)."""
+    rng = np.random.default_rng(seed)
+    out: set[str] = set()
+    while len(out) < n:
+        words: list[str] = []
+        while len(tokenizer(" ".join(words))["input_ids"]) < CAPTION_TOKENS:
+            words.append(str(rng.choice(WORDS)))
+        if len(tokenizer(" ".join(words))["input_ids"]) == CAPTION_TOKENS:
+            out.add(" ".join(words))
+    return sorted(out)
+
+
+def jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """`n` distinct 320x240 JPEGs of smooth random colour fields (photo-like sizes)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((320, 240), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+# --- the raw model ------------------------------------------------------------------------
+
+
+class Raw:
+    """transformers' own model in this process: the yardstick."""
+
+    def __init__(self, directory: Path, dtype: str) -> None:
+        torch_dtype = {"bf16": torch.bfloat16}.get(dtype, torch.float32)
+        self.model = CLIPModel.from_pretrained(directory, dtype=torch_dtype).eval()
+        if dtype == "int8":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from torch.ao.quantization import quantize_dynamic
+
+                self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.dtype = torch_dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.processor = CLIPImageProcessorPil.from_pretrained(directory)
+
+    def pixels(self, images: list[bytes]) -> torch.Tensor:
+        decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        return self.processor(images=decoded, return_tensors="pt")["pixel_values"].to(self.dtype)
+
+    def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(texts, padding="longest", return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    @torch.inference_mode()
+    def image_features(self, pixels: torch.Tensor) -> np.ndarray:
+        return _unit(self.model.get_image_features(pixel_values=pixels))
+
+    @torch.inference_mode()
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
+        return _unit(self.model.get_text_features(**tokens))
+
+
+def _unit(output: Any) -> np.ndarray:
+    tensor = output if isinstance(output, torch.Tensor) else output.pooler_output
+    return torch.nn.functional.normalize(tensor.float(), dim=-1).numpy()
+
+
+def raw_throughput(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """Items per second of repeated `fn()` calls that each process `items` items."""
+    fn()  # warm-up
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return calls * items / (time.perf_counter() - start)
+
+
+def raw_latency(fn: Callable[[], object], n: int = 15) -> float:
+    """Median seconds of one call."""
+    fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --- the served path ----------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """The encoder deployment behind a real grpc.aio gateway, and a client channel to it."""
+
+    stub: encoder_pb2_grpc.EncoderServiceStub
+    channel: grpc.aio.Channel
+    server: Any
+    handle: Any
+
+    async def image(self, data: bytes) -> np.ndarray:
+        reply = await self.stub.EncodeImage(encoder_pb2.EncodeImageRequest(images=[data]))
+        return np.asarray(reply.embeddings[0].values, dtype=np.float32)
+
+    async def text(self, text: str) -> np.ndarray:
+        reply = await self.stub.EncodeText(encoder_pb2.EncodeTextRequest(texts=[text]))
+        return np.asarray(reply.embeddings[0].values, dtype=np.float32)
+
+
+def encoder_settings(directory: Path, dtype: str, batch: int, threads: int) -> dict[str, Any]:
+    return {
+        "model": str(directory),
+        "dtype": dtype,
+        "torch_threads": threads,
+        "max_batch_size": batch,
+        "cache_bytes": 0,  # every call must reach the model
+    }
+
+
+async def start_served(settings: Any) -> Served:
+    from ray import serve
+
+    from encoder_service.deployment import build_encoder_app
+    from gateway.backends import RayEncoder
+    from gateway.coordinator import Coordinator
+    from gateway.server import create_server
+
+    app = build_encoder_app(settings.encoder, settings.limits)
+    handle = await asyncio.to_thread(serve.run, app, name="bench-encoder", route_prefix=None)
+    info = await handle.info.remote()
+    coordinator = Coordinator(RayEncoder(handle, info["model_id"], info["dim"]), [])
+    server, port, _ = await create_server(coordinator, settings)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return Served(encoder_pb2_grpc.EncoderServiceStub(channel), channel, server, handle)
+
+
+async def set_batch(settings: Any, batch: int) -> None:
+    """Redeploy with another max_batch_size (an imperative serve.run restarts the replica)."""
+    from ray import serve
+
+    from encoder_service.deployment import build_encoder_app
+
+    encoder = settings.encoder.model_copy(update={"max_batch_size": batch})
+    app = build_encoder_app(encoder, settings.limits)
+    await asyncio.to_thread(serve.run, app, name="bench-encoder", route_prefix=None)
+
+
+async def served_throughput(
+    call: Callable[[Any], Awaitable[object]], inputs: list[Any], seconds: float
+) -> float:
+    """Calls per second with CONCURRENCY callers, each sending one input at a time."""
+    await asyncio.gather(*(call(inputs[i % len(inputs)]) for i in range(CONCURRENCY)))
+    done, start, deadline = 0, time.perf_counter(), time.perf_counter() + seconds
+
+    async def worker(offset: int) -> None:
+        nonlocal done
+        index = offset
+        while time.perf_counter() < deadline:
+            await call(inputs[index % len(inputs)])
+            index += CONCURRENCY
+            done += 1
+
+    await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
+    return done / (time.perf_counter() - start)
+
+
+async def served_latency(call: Callable[[Any], Awaitable[object]], inputs: list[Any]) -> float:
+    """Median seconds of one call at a time."""
+    await call(inputs[0])
+    samples = []
+    for item in inputs[1:]:
+        start = time.perf_counter()
+        await call(item)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --- one precision ------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    dtype: str
+    figures: dict[str, float]
+
+
+async def measure(
+    directory: Path, dtype: str, args: argparse.Namespace, oracle: dict[str, np.ndarray]
+) -> Row:
+    """Every figure for one precision. Raw and served runs alternate, `args.rounds` times,
+    and each keeps its best round, so a noisy neighbour on a shared machine skews neither."""
+    images = jpegs(96, seed=1)
+    raw = Raw(directory, dtype)
+    texts = captions(raw.tokenizer, 128, seed=1)
+    torch.set_num_threads(args.threads)
+    b, sec = args.batch, args.seconds
+    pixels_b, tokens_b = raw.pixels(images[:b]), raw.tokens(texts[:b])
+    pixels_1, tokens_1 = raw.pixels(images[:1]), raw.tokens(texts[:1])
+    settings = load_settings(
+        gateway={"port": 0},
+        demo_corpus=0,
+        encoder=encoder_settings(directory, dtype, b, args.threads),
+    )
+    served = await start_served(settings)
+    f: dict[str, float] = {}
+
+    def best(name: str, value: float, smaller: bool = False) -> None:
+        old = f.get(name)
+        f[name] = value if old is None else (min if smaller else max)(old, value)
+
+    try:
+        for _ in range(args.rounds):
+            best("raw_img", raw_throughput(lambda: raw.image_features(pixels_b), b, sec))
+            best("srv_img", await served_throughput(served.image, images, sec))
+            best("raw_txt", raw_throughput(lambda: raw.text_features(tokens_b), b, sec / 2))
+            best("srv_txt", await served_throughput(served.text, texts, sec / 2))
+            best("raw_img_1", raw_latency(lambda: raw.image_features(pixels_1)), True)
+            best("lat_img", await served_latency(served.image, images[:21]), True)
+            best("raw_txt_1", raw_latency(lambda: raw.text_features(tokens_1)), True)
+            best("lat_txt", await served_latency(served.text, texts[:31]), True)
+        stats = await served.handle.batch_stats.remote()
+        f["max_batch_img"] = max(stats["image"])
+        f["max_batch_txt"] = max(stats["text"])
+        got_img = np.stack([await served.image(x) for x in images[: len(oracle["image"])]])
+        got_txt = np.stack([await served.text(x) for x in texts[: len(oracle["text"])]])
+        f["cos_img"] = float(np.min(np.sum(got_img * oracle["image"], axis=1)))
+        f["cos_txt"] = float(np.min(np.sum(got_txt * oracle["text"], axis=1)))
+        await set_batch(settings, 1)
+        for _ in range(args.rounds):
+            best("srv_img_1", await served_throughput(served.image, images, sec))
+            best("srv_txt_1", await served_throughput(served.text, texts, sec / 2))
+    finally:
+        await served.channel.close()
+        await served.server.stop(0)
+        from ray import serve
+
+        await asyncio.to_thread(serve.delete, "bench-encoder")
+    f["wait_ms"] = settings.encoder.batch_wait_timeout_s * 1000
+    return Row(dtype, f)
+
+
+def fp32_oracle(directory: Path) -> dict[str, np.ndarray]:
+    """Raw fp32 embeddings of the first inputs each run uses: the cosine reference."""
+    raw = Raw(directory, "fp32")
+    images, texts = jpegs(96, seed=1)[:8], captions(raw.tokenizer, 128, seed=1)[:8]
+    return {
+        "image": raw.image_features(raw.pixels(images)),
+        "text": raw.text_features(raw.tokens(texts)),
+    }
+
+
+def table(rows: list[Row], batch: int) -> str:
+    head = (
+        "| dtype | image thr. served/raw (≥0.90) | text thr. served/raw (≥0.85) "
+        "| batching images (≥1.3×) | batching text (≥2.5×) "
+        "| low-load p50 − raw, image / text (budget) | cosine to fp32 image / text |"
+    )
+    lines = [head, "|" + "---|" * 7]
+    for row in rows:
+        f = row.figures
+        budget = f["wait_ms"] + 3
+        lines.append(
+            f"| {row.dtype} "
+            f"| {f['srv_img'] / f['raw_img']:.2f} ({f['srv_img']:.1f} / {f['raw_img']:.1f} img/s) "
+            f"| {f['srv_txt'] / f['raw_txt']:.2f} ({f['srv_txt']:.0f} / {f['raw_txt']:.0f} /s) "
+            f"| {f['srv_img'] / f['srv_img_1']:.2f}× (batch ≤{f['max_batch_img']:.0f}) "
+            f"| {f['srv_txt'] / f['srv_txt_1']:.2f}× (batch ≤{f['max_batch_txt']:.0f}) "
+            f"| {(f['lat_img'] - f['raw_img_1']) * 1000:.1f} / "
+            f"{(f['lat_txt'] - f['raw_txt_1']) * 1000:.1f} ms ({budget:.0f} ms) "
+            f"| {f['cos_img']:.5f} / {f['cos_txt']:.5f} |"
+        )
+    lines.append(
+        f"\nraw = transformers get_*_features in-process at batch {batch}; served = gRPC "
+        f"gateway → Ray Serve, concurrency {CONCURRENCY}, one item per call."
+    )
+    for row in rows:
+        f = row.figures
+        lines.append(
+            f"{row.dtype}: raw batch-1 forward image {f['raw_img_1'] * 1000:.1f} ms, text "
+            f"{f['raw_txt_1'] * 1000:.1f} ms; served p50 image {f['lat_img'] * 1000:.1f} ms, "
+            f"text {f['lat_txt'] * 1000:.1f} ms; served max_batch_size 1: "
+            f"{f['srv_img_1']:.1f} img/s, {f['srv_txt_1']:.0f} texts/s"
+        )
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    directory = Path(tempfile.mkdtemp(prefix="vitb32-"))
+    try:
+        build_vit_b32(directory)
+        torch.set_num_threads(args.threads)
+        oracle = fp32_oracle(directory)
+        rows = []
+        for dtype in args.dtypes.split(","):
+            rows.append(await measure(directory, dtype, args, oracle))
+            print(table(rows[-1:], args.batch).splitlines()[2], flush=True)
+        return rows
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="fp32,bf16,int8")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    settings = load_settings(demo_corpus=0)
+    ray_temp = init_ray(settings)
+    try:
+        rows = asyncio.run(run(args))
+    finally:
+        import ray
+
+        ray.shutdown()
+        if ray_temp:
+            shutil.rmtree(ray_temp, ignore_errors=True)
+    print()
+    print(table(rows, args.batch))
+
+
+if __name__ == "__main__":
+    main()
