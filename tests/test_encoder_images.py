@@ -276,3 +276,25 @@ def test_concurrent_decodes_leave_no_filter_behind() -> None:
         thread.join(timeout=30)
     assert not errors
     assert warnings.filters == before
+
+
+def test_real_compression_bomb_is_refused_from_its_header() -> None:
+    # Real pixel data, not a doctored header: 36 megapixels of zeros deflate to ~35 KB.
+    data = encode(Image.new("L", (6000, 6000), 0), "PNG", optimize=True)
+    assert len(data) < 100_000
+    rss_before = max_rss_mib()
+    with pytest.raises(InvalidArgument, match="36000000 pixels, over the limit of 25000000"):
+        decode(data)
+    assert max_rss_mib() - rss_before < 100
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "PNG"])
+def test_palette_without_transparency_is_converted(fmt: str) -> None:
+    image = Image.new("P", (6, 6), 1)
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert decode(encode(image, fmt)).getpixel((3, 3)) == (10, 200, 30)
+
+
+def test_progressive_jpeg_decodes() -> None:
+    data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
+    assert_close(decode(data).getpixel((10, 10)), RED)
