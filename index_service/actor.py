@@ -16,8 +16,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,11 @@ class ShardActor:
         _check_manifest(self._dir / MANIFEST, self._identity)
         self._snapshots = SnapshotStore(self._dir / SNAPSHOTS)
         self._shard, self._snapshot_seq = self._load_snapshot(shard_id, dim)
+        # Snapshots are written by one background thread while searches (and writes) go on;
+        # `_log_lock` keeps log appends and the segment cut that follows a snapshot apart.
+        self._log_lock = threading.Lock()
+        self._snapshotter = ThreadPoolExecutor(1, thread_name_prefix=f"snapshot-{shard_id}")
+        self._pending: Future[None] | None = None
         self._log = ShardLog(self._dir, self._snapshot_seq)
         replayed = 0
         for op in self._log.replay(self._snapshot_seq):
@@ -78,7 +85,7 @@ class ShardActor:
         """The newest snapshot that verifies and loads, else an empty shard at sequence 0."""
         for snap in self._snapshots.verified():
             try:
-                shard = Shard.load(snap.path, shard_id, dim, self._settings)
+                shard = Shard.load(snap.path, shard_id, dim, self._settings, mmap=True)
             except Exception:  # a verified file Faiss still refuses: try an older one
                 log.exception("shard %d: snapshot %s does not load", shard_id, snap.path.name)
                 continue
@@ -120,9 +127,16 @@ class ShardActor:
         )
 
     def snapshot(self) -> int:
-        """Write a snapshot now (also done every `snapshot_every` records); returns its seq."""
-        self._take_snapshot()
+        """Write a snapshot now and wait for it (also done in the background every
+        `snapshot_every` records); returns the sequence it covers."""
+        self.wait_for_snapshot()
+        self._take_snapshot(self._log.last_seq)
         return self._snapshot_seq
+
+    def wait_for_snapshot(self) -> None:
+        """Block until no background snapshot is being written."""
+        if self._pending is not None:
+            self._pending.result()
 
     def pid(self) -> int:
         """The worker process id (tests kill it to prove recovery)."""
@@ -130,6 +144,7 @@ class ShardActor:
 
     def clear(self) -> None:
         """Drop every document, durably (snapshots go, the log starts over)."""
+        self.wait_for_snapshot()
         shutil.rmtree(self._dir / SNAPSHOTS)
         self._snapshots = SnapshotStore(self._dir / SNAPSHOTS)
         self._log.destroy()
@@ -138,6 +153,8 @@ class ShardActor:
 
     def close(self) -> None:
         """Release the log and the directory lock (tests; a dying process releases both)."""
+        self.wait_for_snapshot()
+        self._snapshotter.shutdown()
         self._log.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -145,33 +162,38 @@ class ShardActor:
 
     def _log_and_apply(self, op: UpsertOp | DeleteOp) -> None:
         try:
-            self._log.append([op])
+            with self._log_lock:
+                self._log.append([op])
         except LogError as exc:
             # Never retried (a failed fsync may have lost pages); the write is in doubt.
             raise Unavailable(
                 f"shard {self._shard.shard_id} cannot write its log; the write is in doubt"
             ) from exc
         self._apply(op)
-        if self._log.last_seq - self._snapshot_seq >= self._settings.snapshot_every:
-            self._take_snapshot()
+        due = self._log.last_seq - self._snapshot_seq >= self._settings.snapshot_every
+        if due and (self._pending is None or self._pending.done()):
+            self._pending = self._snapshotter.submit(self._take_snapshot, self._log.last_seq)
 
-    def _take_snapshot(self) -> None:
-        """Snapshot the state at the log's last seq, then cut and trim the log.
+    def _take_snapshot(self, seq: int) -> None:
+        """Snapshot the shard (state at `seq` or later), then cut and trim the log.
 
-        A failure here loses nothing (the log still holds every record) and is only logged;
-        the next write tries again.
+        Runs beside further writes, so the saved state may already include some records
+        after `seq`; recovery replays from `seq + 1` anyway, which is exact because every
+        record sets whole documents (an upsert replaces, a delete removes): re-applying a
+        record the snapshot already holds changes nothing. A failure here loses nothing
+        (the log still holds every record) and is only logged; a later write tries again.
         """
-        seq = self._log.last_seq
-        if seq == self._snapshot_seq:
+        if seq <= self._snapshot_seq:
             return
         info = {**self._identity, "factory": self._settings.factory, "documents": len(self._shard)}
         try:
             self._snapshots.write(seq, self._shard.save, info)
-            self._snapshot_seq = seq
-            self._log.rotate()
-            trim_point = self._snapshots.trim_point()
-            if trim_point is not None:
-                self._log.trim(trim_point)
+            with self._log_lock:
+                self._snapshot_seq = seq
+                self._log.rotate()
+                trim_point = self._snapshots.trim_point()
+                if trim_point is not None:
+                    self._log.trim(trim_point)
         except (OSError, ValueError, RuntimeError):
             log.exception("shard %d: snapshot at %d failed", self._shard.shard_id, seq)
 
