@@ -133,6 +133,8 @@ class Validator:
         size = len(doc_id.encode("utf-8"))
         if size == 0 or size > self.limits.max_id_bytes:
             raise InvalidArgument(f"{field}: id must be 1 to {self.limits.max_id_bytes} bytes")
+        if any(ord(c) < 0x20 or c == "\x7f" for c in doc_id):
+            raise InvalidArgument(f"{field}: id must not contain control characters (NUL, ...)")
         return doc_id
 
     def text(self, text: str, field: str) -> str:
@@ -273,7 +275,14 @@ class Validator:
             raise InvalidArgument(f"{field}: id {dup!r} appears more than once")
 
 
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31
+
+
 def _seconds(ts: Timestamp) -> float:
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            f"timestamp {ts.seconds}s {ts.nanos}ns is outside years 1 to 9999 (or nanos invalid)"
+        )
     return ts.seconds + ts.nanos * 1e-9
 
 
