@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,10 +199,22 @@ def evaluate(
     }
 
 
+def _settled_stats(client: Client, timeout_s: float = 120.0) -> Any:
+    """Stats once no shard index is rebuilding (an ANN index trains in the background after
+    the upload), so the sweep measures the configured type rather than the exact stand-in."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()
+        busy = any(i.rebuilding for s in stats.shards for i in s.indexes)
+        if not busy or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.5)
+
+
 def _maybe_ann(
     server: str, client: Client, data: EvalData, run: str, texts: np.ndarray, images: np.ndarray
 ) -> dict:
-    stats = client.stats()
+    stats = _settled_stats(client)
     ours = len(data.images) + len(data.texts)
     if stats.total_documents != ours:
         return {
