@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipsearch.v1 import search_pb2, search_pb2_grpc
@@ -114,3 +115,70 @@ async def test_drain_waits_for_in_flight_calls_within_grace() -> None:
             await drain(health.server, health, grace_s=10)
             assert await call == grpc.StatusCode.OK
             assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_clipsearch_serve_drains_in_flight_encodes_on_sigterm(tmp_path: Path) -> None:
+    """The real `clipsearch serve`: calls in flight at SIGTERM complete, later ones are
+    refused, the process exits 0."""
+    import re
+    import threading
+
+    from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CLIPSEARCH_DATA_DIR": str(tmp_path),
+        "CLIPSEARCH_GATEWAY__GRACE_S": "120",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0", "--demo-corpus", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        address = None
+        deadline = time.monotonic() + 300
+        while address is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            match = re.search(r"ready on (\S+)", line)
+            address = match.group(1) if match else None
+        assert address, "server never became ready"
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
+        with grpc.insecure_channel(address) as channel:
+            stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+            texts = [f"a scene number {i} with many small red and blue shapes" for i in range(16)]
+            futures = [
+                stub.EncodeText.future(encoder_pb2.EncodeTextRequest(texts=texts), timeout=240)
+                for _ in range(20)
+            ]
+            time.sleep(0.5)
+            assert sum(f.done() for f in futures) < len(futures), "nothing left in flight"
+            proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(400):  # health turns NOT_SERVING as draining starts
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                except grpc.RpcError:
+                    break
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.EncodeText(encoder_pb2.EncodeTextRequest(texts=["x"]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            for f in futures:
+                assert len(f.result().embeddings) == len(texts)
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
