@@ -130,9 +130,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     admitted = self._admission.enter(klass)
                     if self._metrics is not None and admitted:
                         self._metrics.in_flight.labels(klass).inc()
-                response = await asyncio.wait_for(
-                    behavior(request, context), self._timeout(context)
-                )
+                async with asyncio.timeout(self._timeout(context)):  # no task per call
+                    response = await behavior(request, context)
                 if self._metrics is not None and hasattr(response, "timings"):
                     t = response.timings
                     self._metrics.observe_stages(
