@@ -191,12 +191,17 @@ class Client:
                 req.recency.reference_time.CopyFrom(to_timestamp(reference_time))
         return _search_result(self._search.Search(req, **self._kw))
 
-    def upsert(self, documents: Iterable[Document]) -> int:
+    def upsert(
+        self, documents: Iterable[Document], *, text_options: TextOptions | None = None
+    ) -> int:
         """Insert or replace documents; returns how many were written.
 
-        Texts are embedded as given (no prompt template).
+        Texts are embedded as given unless `text_options` sets a template; long texts follow
+        `text_options.long_text` (else the server's default).
         """
         req = search_pb2.UpsertRequest(documents=[to_upsert_document(d) for d in documents])
+        if text_options is not None:
+            req.text_options.CopyFrom(to_text_options(text_options))
         return int(self._search.Upsert(req, **self._kw).upserted)
 
     def delete(self, ids: Iterable[str]) -> int:

@@ -12,7 +12,6 @@ import numpy as np
 from clipsearch.v1 import (
     admin_pb2,
     admin_pb2_grpc,
-    common_pb2,
     encoder_pb2,
     encoder_pb2_grpc,
     search_pb2,
@@ -44,8 +43,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: search_pb2.UpsertRequest, context: grpc.aio.ServicerContext
     ) -> search_pb2.UpsertResponse:
         items = self._check.upsert_items(request, now=time.time())
-        # UpsertRequest has no text_options field yet: stored texts are embedded bare.
-        options = self._check.document_text_options(common_pb2.TextOptions(), "text_options")
+        options = self._check.document_text_options(request.text_options, "text_options")
         return search_pb2.UpsertResponse(upserted=await self._coord.upsert(items, options))
 
     async def Delete(  # noqa: N802

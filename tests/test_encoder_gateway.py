@@ -97,3 +97,22 @@ def test_truncated_image_names_the_problem(client: Client) -> None:
     data = buffer.getvalue()
     message = invalid(lambda: client.encode_image([data, data[: len(data) // 2]]))
     assert message == "images[1]: image is truncated or corrupt"
+
+
+def test_upsert_text_options_shape_the_stored_text_vector(client: Client) -> None:
+    client.upsert([Document("bare", text="a red circle")])
+    client.upsert(
+        [Document("templated", text="a red circle")],
+        text_options=TextOptions("a photo of {}"),
+    )
+    spelled_out = client.encode_text(["a photo of a red circle"])[0]
+    hits = client.search(vector=spelled_out, target="text", top_k=2).hits
+    assert [h.id for h in hits] == ["templated", "bare"]
+    assert hits[0].similarity == pytest.approx(1.0, abs=1e-4)
+    message = invalid(
+        lambda: client.upsert(
+            [Document("long", text=LONG)], text_options=TextOptions(long_text="reject")
+        )
+    )
+    assert "over the model's context of 32" in message
+    assert client.get(["long"], allow_missing=True) == []

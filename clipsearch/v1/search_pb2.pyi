@@ -154,10 +154,12 @@ class UpsertDocument(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., image_vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., text_vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., publish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., caption: _Optional[str] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("documents",)
+    __slots__ = ("documents", "text_options")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[UpsertDocument]
-    def __init__(self, documents: _Optional[_Iterable[_Union[UpsertDocument, _Mapping]]] = ...) -> None: ...
+    text_options: _common_pb2.TextOptions
+    def __init__(self, documents: _Optional[_Iterable[_Union[UpsertDocument, _Mapping]]] = ..., text_options: _Optional[_Union[_common_pb2.TextOptions, _Mapping]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("upserted",)

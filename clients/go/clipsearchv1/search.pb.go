@@ -173,7 +173,13 @@ type SearchRequest struct {
 	// Number of hits wanted, 1 to 1000. 0 is INVALID_ARGUMENT.
 	TopK uint32 `protobuf:"varint,5,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
 	// Optional restriction; documents that do not match are never returned. A filtered search
-	// returns top_k hits whenever top_k matching documents exist.
+	// returns top_k hits whenever top_k matching documents exist, on every index type, and never
+	// a deleted or replaced version. Which hits: exact indexes, and any filter matching at most
+	// 4096 documents of a shard, give the exact top_k. IVF: approximate; a short answer is
+	// retried with 4x nprobe, then every list (exhaustive). HNSW: the filter and deletions are
+	// applied inside the graph walk; a short answer is retried with 4x efSearch, then 4096, then
+	// answered by an exact scan of the matching documents (slower, exact). Recall under a filter
+	// is not covered by the tuned operating point.
 	Filter *Filter `protobuf:"bytes,6,opt,name=filter,proto3" json:"filter,omitempty"`
 	// Optional recency re-ranking. Unset or decay_per_day 0: score = similarity.
 	Recency *Recency `protobuf:"bytes,7,opt,name=recency,proto3" json:"recency,omitempty"`
@@ -795,7 +801,10 @@ func (x *UpsertDocument) GetCaption() string {
 type UpsertRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 1 to 256 documents; ids must be distinct within one request.
-	Documents     []*UpsertDocument `protobuf:"bytes,1,rep,name=documents,proto3" json:"documents,omitempty"`
+	Documents []*UpsertDocument `protobuf:"bytes,1,rep,name=documents,proto3" json:"documents,omitempty"`
+	// How document texts are embedded. An unset prompt_template means the bare text (the
+	// server's query template is not applied to documents); long_text as in SearchRequest.
+	TextOptions   *TextOptions `protobuf:"bytes,2,opt,name=text_options,json=textOptions,proto3" json:"text_options,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -833,6 +842,13 @@ func (*UpsertRequest) Descriptor() ([]byte, []int) {
 func (x *UpsertRequest) GetDocuments() []*UpsertDocument {
 	if x != nil {
 		return x.Documents
+	}
+	return nil
+}
+
+func (x *UpsertRequest) GetTextOptions() *TextOptions {
+	if x != nil {
+		return x.TextOptions
 	}
 	return nil
 }
@@ -1152,9 +1168,10 @@ const file_clipsearch_v1_search_proto_rawDesc = "" +
 	"\acaption\x18\b \x01(\tR\acaption\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"L\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8b\x01\n" +
 	"\rUpsertRequest\x12;\n" +
-	"\tdocuments\x18\x01 \x03(\v2\x1d.clipsearch.v1.UpsertDocumentR\tdocuments\",\n" +
+	"\tdocuments\x18\x01 \x03(\v2\x1d.clipsearch.v1.UpsertDocumentR\tdocuments\x12=\n" +
+	"\ftext_options\x18\x02 \x01(\v2\x1a.clipsearch.v1.TextOptionsR\vtextOptions\",\n" +
 	"\x0eUpsertResponse\x12\x1a\n" +
 	"\bupserted\x18\x01 \x01(\rR\bupserted\"!\n" +
 	"\rDeleteRequest\x12\x10\n" +
@@ -1233,20 +1250,21 @@ var file_clipsearch_v1_search_proto_depIdxs = []int32{
 	18, // 16: clipsearch.v1.UpsertDocument.publish_time:type_name -> google.protobuf.Timestamp
 	16, // 17: clipsearch.v1.UpsertDocument.metadata:type_name -> clipsearch.v1.UpsertDocument.MetadataEntry
 	7,  // 18: clipsearch.v1.UpsertRequest.documents:type_name -> clipsearch.v1.UpsertDocument
-	22, // 19: clipsearch.v1.GetResponse.documents:type_name -> clipsearch.v1.Document
-	2,  // 20: clipsearch.v1.SearchService.Search:input_type -> clipsearch.v1.SearchRequest
-	8,  // 21: clipsearch.v1.SearchService.Upsert:input_type -> clipsearch.v1.UpsertRequest
-	10, // 22: clipsearch.v1.SearchService.Delete:input_type -> clipsearch.v1.DeleteRequest
-	12, // 23: clipsearch.v1.SearchService.Get:input_type -> clipsearch.v1.GetRequest
-	6,  // 24: clipsearch.v1.SearchService.Search:output_type -> clipsearch.v1.SearchResponse
-	9,  // 25: clipsearch.v1.SearchService.Upsert:output_type -> clipsearch.v1.UpsertResponse
-	11, // 26: clipsearch.v1.SearchService.Delete:output_type -> clipsearch.v1.DeleteResponse
-	13, // 27: clipsearch.v1.SearchService.Get:output_type -> clipsearch.v1.GetResponse
-	24, // [24:28] is the sub-list for method output_type
-	20, // [20:24] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	21, // 19: clipsearch.v1.UpsertRequest.text_options:type_name -> clipsearch.v1.TextOptions
+	22, // 20: clipsearch.v1.GetResponse.documents:type_name -> clipsearch.v1.Document
+	2,  // 21: clipsearch.v1.SearchService.Search:input_type -> clipsearch.v1.SearchRequest
+	8,  // 22: clipsearch.v1.SearchService.Upsert:input_type -> clipsearch.v1.UpsertRequest
+	10, // 23: clipsearch.v1.SearchService.Delete:input_type -> clipsearch.v1.DeleteRequest
+	12, // 24: clipsearch.v1.SearchService.Get:input_type -> clipsearch.v1.GetRequest
+	6,  // 25: clipsearch.v1.SearchService.Search:output_type -> clipsearch.v1.SearchResponse
+	9,  // 26: clipsearch.v1.SearchService.Upsert:output_type -> clipsearch.v1.UpsertResponse
+	11, // 27: clipsearch.v1.SearchService.Delete:output_type -> clipsearch.v1.DeleteResponse
+	13, // 28: clipsearch.v1.SearchService.Get:output_type -> clipsearch.v1.GetResponse
+	25, // [25:29] is the sub-list for method output_type
+	21, // [21:25] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_clipsearch_v1_search_proto_init() }
