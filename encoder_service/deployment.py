@@ -258,9 +258,7 @@ class EncoderDeployment:
         """Run one batch in the model thread; one output row per input item."""
         self._batch_sizes[queue][len(items)] += 1
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(
-            self._model_pool, self._timed, queue, forward, items
-        )
+        vectors = await loop.run_in_executor(self._model_pool, self._timed, queue, forward, items)
         return list(vectors)
 
     def _timed(
