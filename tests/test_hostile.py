@@ -263,7 +263,7 @@ def test_hostile_input(case: Case, stack: Any, channel: grpc.Channel) -> None:
     except grpc.RpcError as err:
         code = err.code()  # type: ignore[attr-defined]
         details = err.details() or ""  # type: ignore[attr-defined]
-        assert "Traceback" not in details and "/work/" not in details
+        assert "Traceback" not in details and '.py"' not in details  # no trace, no source path
     except grpc.FutureCancelledError:
         code = C.CANCELLED
     assert code == case.code, case.name
