@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from index_service.wal import fsync_path
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -46,21 +48,9 @@ class Snapshot:
     info: dict[str, Any]
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make entries created, renamed or removed in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Two names for one call, so that a test can tell file syncs from directory syncs apart.
+fsync_dir = fsync_path
+_fsync_file = fsync_path
 
 
 def _sha256(path: Path) -> str:

@@ -290,9 +290,9 @@ def replay(path: Path, after_seq: int = 0) -> Iterator[Op]:
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a created or renamed entry in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (created, renamed, removed)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -337,7 +337,7 @@ class WriteAheadLog:
             if cut:
                 self._truncate(f, scan.valid_end, cut)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         return Recovery(len(scan.ops), scan.last_seq, cut)
 
     def _truncate(self, f: BinaryIO, size: int, cut: int) -> None:
@@ -432,7 +432,7 @@ class ShardLog:
         legacy = self.directory / LEGACY_LOG
         if legacy.exists():  # one-file logs of earlier versions start at sequence 1
             os.rename(legacy, self.directory / segment_name(1))
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         segments = self.segments()
         active = segments[-1][1] if segments else self.directory / segment_name(base_seq + 1)
         self._wal = WriteAheadLog(active, start_seq=base_seq)
@@ -478,7 +478,7 @@ class ShardLog:
                 path.unlink()
                 removed += 1
         if removed:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         return removed
 
     def replay(self, after_seq: int = 0) -> Iterator[Op]:
@@ -509,5 +509,5 @@ class ShardLog:
         self._wal.close()
         for _, path in self.segments():
             path.unlink()
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         self._wal = WriteAheadLog(self.directory / segment_name(1))
