@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ import pytest
 from clipsearch.client import Client, Document
 from index_service.router import shard_of
 from tests.fakes import unit_vectors
-from tests.test_serve_command import ROOT, _wait_for_ready
+from tests.test_serve_command import _serve as serve
+from tests.test_serve_command import _wait_for_ready
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +37,11 @@ DELETED = "<deleted>"
 
 
 def _serve(data_dir: Path) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "CLIPSEARCH_DATA_DIR": str(data_dir),
-        "CLIPSEARCH_INDEX__SNAPSHOT_EVERY": "15",
-        "CLIPSEARCH_INDEX__SHARDS": "2",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0", "--demo-corpus", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=data_dir,
-        start_new_session=True,  # its own process group, so leftovers can be cleaned up
+    return serve(
+        data_dir,
+        demo_corpus=0,
+        env={"CLIPSEARCH_INDEX__SNAPSHOT_EVERY": "15", "CLIPSEARCH_INDEX__SHARDS": "2"},
+        new_session=True,  # its own process group, so leftovers can be cleaned up
     )
 
 

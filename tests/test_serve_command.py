@@ -36,15 +36,30 @@ def _wait_for_ready(proc: subprocess.Popen[str], timeout_s: float) -> str:
     raise AssertionError("server never became ready:\n" + "".join(seen[-40:]))
 
 
-def _serve(data_dir: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_DATA_DIR": str(data_dir)}
+def _serve(
+    data_dir: Path,
+    *,
+    demo_corpus: int = 120,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[str]:
+    """`clipsearch serve` in a subprocess on a free port; `new_session` gives it its own
+    process group so that leftovers can be killed together."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CLIPSEARCH_DATA_DIR": str(data_dir),
+        **(env or {}),
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0", "--demo-corpus", "120"],
+        [sys.executable, "-m", "clipsearch.cli", "serve", "--port", "0"]
+        + ["--demo-corpus", str(demo_corpus)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=full_env,
         cwd=data_dir,
+        start_new_session=new_session,
     )
 
 
