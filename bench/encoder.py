@@ -25,6 +25,7 @@ import io
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -33,17 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
-import torch
-from PIL import Image
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+# Run as a script, this file's folder comes first on sys.path, and bench/gateway.py would
+# shadow the `gateway` package: drop the folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from clipsearch.launcher import init_ray
-from clipsearch.settings import load_settings
-from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc
-from encoder_service.model import resolve_model
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel  # noqa: E402
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
+from clipsearch.launcher import init_ray  # noqa: E402
+from clipsearch.settings import load_settings  # noqa: E402
+from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
+from encoder_service.model import resolve_model  # noqa: E402
 
 CONCURRENCY = 16
 CAPTION_TOKENS = 16

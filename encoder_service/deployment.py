@@ -1,10 +1,10 @@
 """The encoder as a Ray Serve deployment: validated single items in, dynamic batches to the model.
 
 Request path of one image: bytes → content hash and cache lookup, then decode + preprocess,
-in a bounded worker pool (a bad image fails here, alone) → image batch queue (`@serve.batch`)
-→ one model forward per batch in the model thread → one normalised vector back (and into the
-cache). Texts are templated, tokenised (into windows when long) and looked up in the cache
-before they join their own queue.
+in a bounded worker pool (a bad image fails here, alone) → image queue of the `Batcher`,
+which takes a batch when the model is free → one model forward per batch in the model
+thread → one normalised vector back (and into the cache). Texts are templated, tokenised
+(into windows when long) and looked up in the cache before they join their own queue.
 
 Errors: an `InvalidArgument` raised here reaches a DeploymentHandle caller as a
 `RayTaskError(InvalidArgument)`, which is an instance of `InvalidArgument` (so `except
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -29,9 +28,10 @@ from ray.serve import Application
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import EncoderSettings, LimitSettings
 from clipsearch.types import EncoderStats, TextOptions
+from encoder_service.batching import Batcher
 from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
-from encoder_service.model import ClipEncoder, ImageInput, TokenRows
+from encoder_service.model import ClipEncoder, ImageInput
 from encoder_service.text import apply_template, check_template
 
 DECODE_WORKERS = 2
@@ -94,8 +94,8 @@ def build_encoder_app(encoder: EncoderSettings, limits: LimitSettings) -> Applic
 class EncoderDeployment:
     """One encoder replica: separate batch queues for text and images over one model.
 
-    The `@serve.batch` queues belong to the class, so only one instance may live in a
-    process; Serve guarantees that (one replica per actor).
+    The two queues share one `Batcher`, which hands the model its next batch only when the
+    previous one is done (see encoder_service/batching.py for why not `@serve.batch`).
     """
 
     def __init__(self, encoder: EncoderSettings, limits: LimitSettings) -> None:
@@ -127,7 +127,9 @@ class EncoderDeployment:
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
         )
-        self._batch_sizes: dict[str, Counter[int]] = {"text": Counter(), "image": Counter()}
+        self._batcher = Batcher(
+            self._run_batch, ("text", "image"), encoder.max_batch_size, encoder.batch_wait_timeout_s
+        )
         self._forward_started: float | None = None
         self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
@@ -157,7 +159,7 @@ class EncoderDeployment:
         # Tokenising one bounded text takes well under a millisecond: cheaper inline than
         # a hop through a worker thread.
         rows = self._encoder.prepare_text(templated, long_text, stride)
-        vector = await self._text_batch(rows)
+        vector = await self._batcher.submit("text", rows)
         self._cache.put(key, vector)
         return vector
 
@@ -176,7 +178,7 @@ class EncoderDeployment:
         key, found = await loop.run_in_executor(self._decode_pool, self._lookup_image, data)
         if isinstance(found, np.ndarray):
             return found
-        vector = await self._image_batch(found)
+        vector = await self._batcher.submit("image", found)
         self._cache.put(key, vector)
         return vector
 
@@ -212,7 +214,11 @@ class EncoderDeployment:
 
     async def batch_stats(self) -> dict[str, dict[int, int]]:
         """How many batches of each size each queue has run since the replica started."""
-        return {queue: dict(sizes) for queue, sizes in self._batch_sizes.items()}
+        return self._batcher.batch_sizes()
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Requests waiting for the model in each queue (`text`, `image`) right now."""
+        return self._batcher.depths()
 
     async def forward_seconds(self) -> dict[str, float]:
         """Seconds the model thread has spent in forwards, per queue (busy-time probe)."""
@@ -238,25 +244,14 @@ class EncoderDeployment:
         started = self._forward_started
         if started is not None and time.monotonic() - started > FORWARD_STUCK_AFTER_S:
             raise RuntimeError(f"model forward running for over {FORWARD_STUCK_AFTER_S:.0f} s")
-        for name, handler in (("text", self._text_batch), ("image", self._image_batch)):
-            # A private Ray helper, hence getattr; a dead loop would hang every later call.
-            is_alive = getattr(handler, "_is_batching_task_alive", None)
-            if is_alive is not None and not await is_alive():
-                raise RuntimeError(f"the {name} batch loop has stopped")
+        if not self._batcher.alive():
+            raise RuntimeError("the batch scheduler has stopped")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _text_batch(self, texts: list[TokenRows]) -> list[np.ndarray]:
-        return await self._run_batch("text", self._encoder.encode_tokens, texts)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _image_batch(self, pixels: list[ImageInput]) -> list[np.ndarray]:
-        return await self._run_batch("image", self._encoder.encode_pixels, pixels)
-
-    async def _run_batch(
-        self, queue: str, forward: Callable[[Sequence[T]], np.ndarray], items: list[T]
-    ) -> list[np.ndarray]:
+    async def _run_batch(self, queue: str, items: list[Any]) -> list[np.ndarray]:
         """Run one batch in the model thread; one output row per input item."""
-        self._batch_sizes[queue][len(items)] += 1
+        forward: Callable[[Sequence[Any]], np.ndarray] = (
+            self._encoder.encode_tokens if queue == "text" else self._encoder.encode_pixels
+        )
         loop = asyncio.get_running_loop()
         vectors = await loop.run_in_executor(self._model_pool, self._timed, queue, forward, items)
         return list(vectors)
@@ -314,10 +309,7 @@ class EncoderDeployment:
             )
         self._max_batch_size = max_batch_size
         self._batch_wait_timeout_s = float(batch_wait_timeout_s)
-        handlers: tuple[Any, ...] = (self._text_batch, self._image_batch)
-        for handler in handlers:
-            handler.set_max_batch_size(self._max_batch_size)
-            handler.set_batch_wait_timeout_s(self._batch_wait_timeout_s)
+        self._batcher.set_limits(self._max_batch_size, self._batch_wait_timeout_s)
 
 
 def _check_text(text: Any, max_bytes: int) -> None:

@@ -1,0 +1,146 @@
+"""The encoder's batch scheduler: batches form when the model is free, and fill."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from encoder_service.batching import Batcher
+
+
+class GatedModel:
+    """A model whose every forward waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[Any]]] = []
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self.fail_with: Exception | None = None
+
+    async def __call__(self, queue: str, items: list[Any]) -> Sequence[Any]:
+        self.batches.append((queue, list(items)))
+        self.started.set()
+        await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [f"{queue}:{item}" for item in items]
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
+async def test_requests_arriving_during_a_forward_form_one_full_batch() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("text",), max_batch_size=8, wait_s=0.001)
+    first = asyncio.ensure_future(batcher.submit("text", 0))
+    await model.started.wait()
+    # 11 callers arrive, one by one, while the model is busy with the first batch: Serve's
+    # @serve.batch would close a batch every wait_s; here they wait for the model.
+    later = []
+    for i in range(1, 12):
+        later.append(asyncio.ensure_future(batcher.submit("text", i)))
+        await asyncio.sleep(0.003)
+    assert batcher.depths() == {"text": 11}
+    model.gate.set()
+    results = await asyncio.gather(first, *later)
+    assert results == [f"text:{i}" for i in range(12)]
+    assert [len(items) for _, items in model.batches] == [1, 8, 3]
+    assert batcher.batch_sizes() == {"text": {1: 1, 8: 1, 3: 1}}
+
+
+async def test_idle_model_waits_for_company_then_runs_a_partial_batch() -> None:
+    model = GatedModel()
+    model.gate.set()
+    batcher = Batcher(model, ("text",), max_batch_size=8, wait_s=0.05)
+    results = await asyncio.gather(*(batcher.submit("text", i) for i in range(3)))
+    assert results == ["text:0", "text:1", "text:2"]
+    assert model.batches == [("text", [0, 1, 2])]
+
+
+async def test_the_queue_with_the_oldest_request_goes_next() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("text", "image"), max_batch_size=4, wait_s=0.0)
+    busy = asyncio.ensure_future(batcher.submit("text", "t0"))
+    await model.started.wait()
+    image = asyncio.ensure_future(batcher.submit("image", "i0"))
+    await asyncio.sleep(0.002)
+    texts = [asyncio.ensure_future(batcher.submit("text", f"t{i}")) for i in (1, 2)]
+    await _until(lambda: batcher.depths() == {"text": 2, "image": 1})
+    model.gate.set()
+    await asyncio.gather(busy, image, *texts)
+    assert [q for q, _ in model.batches] == ["text", "image", "text"]
+
+
+async def test_a_cancelled_caller_is_left_out_of_its_batch() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("image",), max_batch_size=8, wait_s=0.0)
+    first = asyncio.ensure_future(batcher.submit("image", 0))
+    await model.started.wait()
+    keep = asyncio.ensure_future(batcher.submit("image", 1))
+    gone = asyncio.ensure_future(batcher.submit("image", 2))
+    await _until(lambda: batcher.depths()["image"] == 2)
+    gone.cancel()
+    model.gate.set()
+    assert await asyncio.gather(first, keep) == ["image:0", "image:1"]
+    assert [items for _, items in model.batches] == [[0], [1]]
+
+
+async def test_a_failed_forward_fails_its_callers_only() -> None:
+    model = GatedModel()
+    model.fail_with = ValueError("boom")
+    model.gate.set()
+    batcher = Batcher(model, ("text",), max_batch_size=2, wait_s=0.0)
+    with pytest.raises(ValueError, match="boom"):
+        await batcher.submit("text", 0)
+    model.fail_with = None
+    assert await batcher.submit("text", 1) == "text:1"
+    assert batcher.alive()
+
+
+async def test_new_limits_apply_to_the_next_batch() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("text",), max_batch_size=8, wait_s=0.0)
+    first = asyncio.ensure_future(batcher.submit("text", 0))
+    await model.started.wait()
+    later = [asyncio.ensure_future(batcher.submit("text", i)) for i in range(1, 7)]
+    await _until(lambda: batcher.depths()["text"] == 6)
+    batcher.set_limits(max_batch_size=2, wait_s=0.0)
+    model.gate.set()
+    await asyncio.gather(first, *later)
+    assert [len(items) for _, items in model.batches] == [1, 2, 2, 2]
+
+
+async def test_a_wrong_number_of_results_fails_the_batch_instead_of_misrouting() -> None:
+    async def short(queue: str, items: list[Any]) -> list[Any]:
+        return items[:-1]
+
+    batcher = Batcher(short, ("text",), max_batch_size=4, wait_s=0.01)
+    outcomes = await asyncio.gather(
+        *(batcher.submit("text", i) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) and "returned 2 results" in str(o) for o in outcomes)
+
+
+async def test_waiters_fail_instead_of_hanging_when_the_scheduler_dies() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=0.0)
+    first = asyncio.ensure_future(batcher.submit("text", 0))
+    await model.started.wait()
+    waiting = asyncio.ensure_future(batcher.submit("text", 1))
+    await _until(lambda: batcher.depths()["text"] == 1)
+    assert batcher._task is not None
+    batcher._task.cancel()  # what a bug inside the loop, or the loop closing, amounts to
+    for caller in (first, waiting):  # the batch being run, and the one still queued
+        with pytest.raises(RuntimeError, match="stopped"):
+            await caller
+    assert not batcher.alive()
+    with pytest.raises(RuntimeError, match="stopped"):
+        await batcher.submit("text", 2)
