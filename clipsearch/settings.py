@@ -83,6 +83,13 @@ class IndexSettings(_Group):
         "HNSW{M}, IVF{n},PQ{m}, IVF{n},PQ{m}x4fs, IVF{n},RaBitQ, IVF{n},SQ8. A shard starts "
         "exact and switches to this type in the background once it can be trained.",
     )
+    nlist_scope: Literal["shard", "collection"] = Field(
+        "shard",
+        description="What n in IVF{n} counts: `shard` = the lists of each shard's index (every "
+        "shard builds IVF{n}); `collection` = lists over all shards (each builds "
+        "IVF{n / shards}, so a list holds as many vectors as in one unsharded index). Either "
+        "way each shard tunes its own nprobe / re-rank depth to target_recall.",
+    )
     train_min_vectors: int = Field(
         0,
         ge=0,
@@ -93,11 +100,25 @@ class IndexSettings(_Group):
         0.95, gt=0, le=1, description="recall@k the search-parameter tuner aims for."
     )
     tune_k: int = Field(10, ge=1, le=1000, description="k at which the tuner measures recall.")
+    hnsw_ef_construction: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="HNSW candidate list while linking new vectors; 0 = Faiss's default (40). "
+        "Higher builds slower and a better graph (at 1M clustered 512-d vectors, 40 tops out "
+        "below recall@10 0.9 whatever efSearch).",
+    )
     snapshot_every: int = Field(
         10_000, ge=1, description="Log records after which a shard writes a new snapshot."
     )
     use_gpu: bool = Field(
         False, description="Move exact and IVF indexes to the GPU (needs faiss-gpu and a GPU)."
+    )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each shard actor requests, e.g. "
+        '{"clipsearch_index": 1}: pins shards to the nodes that declare them (on Kubernetes '
+        "the index worker group, which mounts the shard volume). Empty: any node.",
     )
 
 

@@ -87,15 +87,22 @@ class SearchParams:
     Attributes:
         nprobe: IVF inverted lists probed (clamped to the list count).
         ef_search: HNSW candidate list size (raised to k when smaller).
+        rerank: lossy codes (PQ, RaBitQ, SQ8): k x rerank candidates are re-ranked exactly
+            on the raw vectors; other types ignore it.
     """
 
     nprobe: int = 0
     ef_search: int = 0
+    rerank: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class OperatingPoint:
-    """Default search parameters chosen by the tuner and what they measured."""
+    """Default search parameters chosen by the tuner and what they measured.
+
+    `rerank` is the re-rank depth factor (k x rerank candidates re-ranked exactly) for lossy
+    codes, 0 for types without codes to re-rank.
+    """
 
     nprobe: int
     ef_search: int
@@ -103,6 +110,7 @@ class OperatingPoint:
     target_recall: float
     k: int
     qps: float
+    rerank: int = 0
 
 
 @dataclass(frozen=True, slots=True)

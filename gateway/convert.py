@@ -41,6 +41,8 @@ _DOCUMENT_TEMPLATE = "{}"
 
 MAX_EF_SEARCH = 4096
 """Largest efSearch a request may ask for (documented in search.proto)."""
+MAX_RERANK = 64
+"""Largest re-rank factor a request may ask for (search.proto; index_service.factory)."""
 
 _MODALITY_PB = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.TEXT: common_pb2.MODALITY_TEXT}
 
@@ -193,7 +195,12 @@ class Validator:
                 f"search_params.ef_search: must be 0 (tuned default) or top_k ({top_k}) to "
                 f"{MAX_EF_SEARCH}, got {p.ef_search}"
             )
-        return SearchParams(nprobe=p.nprobe, ef_search=p.ef_search)
+        if p.rerank_factor > MAX_RERANK:
+            raise InvalidArgument(
+                f"search_params.rerank_factor: must be 0 (tuned default) or 1 to {MAX_RERANK}, "
+                f"got {p.rerank_factor}"
+            )
+        return SearchParams(nprobe=p.nprobe, ef_search=p.ef_search, rerank=p.rerank_factor)
 
     def _recency(self, req: search_pb2.SearchRequest) -> tuple[float, float]:
         alpha = req.recency.decay_per_day
@@ -355,6 +362,7 @@ def index_stats(s: IndexStats) -> admin_pb2.IndexStats:
                 target_recall=op.target_recall,
                 k=op.k,
                 qps=op.qps,
+                rerank_factor=op.rerank,
             )
         )
     return msg

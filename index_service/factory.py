@@ -17,6 +17,8 @@ import numpy as np
 
 FLAT = "Flat"
 MAX_EF_SEARCH = 4096
+MAX_RERANK = 64
+"""Deepest re-rank: k x this many candidates of a lossy index are re-ranked exactly."""
 # Faiss warns below 39 training points per centroid; below that k-means is poor.
 _POINTS_PER_CENTROID = 39
 # Training never needs more than this many points per centroid (Faiss subsamples too).
@@ -24,9 +26,10 @@ _SAMPLE_PER_CENTROID = 64
 # A graph index is no faster than exact search over fewer vectors than this.
 _HNSW_MIN_VECTORS = 10_000
 _ADD_CHUNK = 65_536
-# Lossy codes fetch refine x k candidates, re-ranked exactly on the raw vectors: coarser codes
-# need a deeper list (measured on 512-d clustered data: 4-bit PQ loses true neighbours beyond
-# 8x k). Re-ranking 16 x k vectors costs ~0.1 ms, far below the coarse search.
+# Lossy codes fetch refine x k candidates, re-ranked exactly on the raw vectors. These are the
+# depths used before the tuner has run (it then picks the depth jointly with nprobe): coarser
+# codes need a deeper list (measured on 512-d clustered data: 4-bit PQ loses true neighbours
+# beyond 8x k). Re-ranking 16 x k vectors costs ~0.1 ms, far below the coarse search.
 _REFINE = {"Flat": 0, "SQ8": 2, "RaBitQ": 8, "PQx8": 8, "PQx4": 16}
 
 
@@ -70,6 +73,12 @@ class IndexSpec:
             f, Family.IVF, int(m.group(1)), _REFINE[codes if not bits else f"PQx{bits}"], bits
         )
 
+    def rerank_factors(self) -> tuple[int, ...]:
+        """Re-rank depths the tuner may choose from, cheapest first ((0,): nothing to re-rank)."""
+        if not self.lossy:
+            return (0,)
+        return tuple(2**i for i in range(MAX_RERANK.bit_length()))
+
     @property
     def lossy(self) -> bool:
         """Whether codes are compressed (candidates are then re-ranked on raw vectors)."""
@@ -97,6 +106,15 @@ class IndexSpec:
         return min(n, max(per, self.auto_train_min()))
 
 
+def per_shard_factory(factory: str, shards: int) -> str:
+    """The factory each of `shards` shards builds when IVF{n} counts lists for the whole
+    collection: IVF{n / shards}, so every list holds as many vectors as in one index."""
+    m = re.fullmatch(r"IVF(\d+),(.+)", factory.strip())
+    if m is None or shards <= 1:
+        return factory.strip()
+    return f"IVF{max(1, int(m.group(1)) // shards)},{m.group(2)}"
+
+
 def _try_factory(factory: str, dim: int) -> None:
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -113,10 +131,20 @@ def empty_index(spec: IndexSpec, dim: int) -> faiss.Index:
 
 
 def build_index(
-    spec: IndexSpec, vectors: np.ndarray, labels: np.ndarray, seed: int = 0
+    spec: IndexSpec,
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    seed: int = 0,
+    ef_construction: int = 0,
 ) -> faiss.Index:
-    """A trained index of `spec` holding `vectors` under `labels` (training on a sample)."""
+    """A trained index of `spec` holding `vectors` under `labels` (training on a sample).
+
+    `ef_construction`: HNSW candidate list while linking (0 = Faiss's default, 40).
+    """
     index = empty_index(spec, vectors.shape[1])
+    if spec.family is Family.HNSW and ef_construction:
+        hnsw: Any = _inner(index)
+        hnsw.hnsw.efConstruction = ef_construction
     if spec.needs_training:
         rng = np.random.default_rng(seed)
         take = spec.train_sample_size(len(vectors))

@@ -1,15 +1,20 @@
-"""Choose default search parameters: the cheapest setting whose recall@k reaches a target.
+"""Choose default search parameters: the fastest setting whose recall@k reaches a target.
 
 Queries are stored vectors drawn at random; each query's own document is left out of both
 the exact ground truth and the approximate answer, so recall measures real neighbours and
-not the trivial self-match. Cost grows with nprobe / efSearch, so the smallest value that
-reaches the target is the fastest one: sweep by doubling, then bisect the last gap.
+not the trivial self-match. Cost grows with nprobe / efSearch, so for a fixed re-rank depth
+the smallest value that reaches the target is the fastest one: sweep by doubling, then
+bisect the last gap. Lossy codes (PQ, RaBitQ, SQ8) add a second knob, the re-rank depth
+(k x factor candidates re-ranked exactly): a deeper list needs a smaller nprobe, so each
+depth gets its smallest nprobe (never more than the shallower depth needed) and the pair
+that answers single queries fastest (as a shard serves them) wins.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -22,6 +27,17 @@ SearchFn = Callable[[np.ndarray, int, SearchParams], np.ndarray]
 
 _QUERIES = 200
 _QPS_QUERIES = 50
+# Doubling the knob gaining less recall than this means the codes, not the search, limit
+# recall: a deeper re-rank is needed, so the sweep at this depth stops.
+_PLATEAU = 0.001
+_TIMING_REPEATS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    params: SearchParams
+    recall: float
+    seconds: float = 0.0
 
 
 def tune(
@@ -41,20 +57,60 @@ def tune(
     queries = np.ascontiguousarray(vectors[rows])
     truth = _ground_truth(queries, vectors, labels, labels[rows], k)
 
-    def recall(value: int) -> float:
-        found = search(queries, k + 1, _params(spec, value))
-        return _recall(found, truth, labels[rows], k)
+    def recall(sp: SearchParams) -> float:
+        return _recall(search(queries, k + 1, sp), truth, labels[rows], k)
 
-    value, measured = _smallest_reaching(_values(spec, k), recall, target)
-    params = _params(spec, value)
+    def timed(sp: SearchParams) -> float:
+        return _seconds(search, queries[:_QPS_QUERIES], k, sp)
+
+    best = _fastest_reaching(spec, k, recall, timed, target)
     return OperatingPoint(
-        nprobe=params.nprobe,
-        ef_search=params.ef_search,
-        recall=measured,
+        nprobe=best.params.nprobe,
+        ef_search=best.params.ef_search,
+        recall=best.recall,
         target_recall=target,
         k=k,
-        qps=_single_query_qps(search, queries[:_QPS_QUERIES], k, params),
+        qps=_single_query_qps(search, queries[:_QPS_QUERIES], k, best.params),
+        rerank=best.params.rerank,
     )
+
+
+def _fastest_reaching(
+    spec: IndexSpec,
+    k: int,
+    recall: Callable[[SearchParams], float],
+    timed: Callable[[SearchParams], float],
+    target: float,
+) -> _Candidate:
+    """Over re-rank depths, the fastest (knob, depth) reaching `target` (else the best recall)."""
+    values = _values(spec, k)
+    reaching: list[_Candidate] = []
+    best: _Candidate | None = None
+    for factor in spec.rerank_factors():
+        value, measured = _smallest_reaching(values, _at_depth(spec, factor, recall), target)
+        found = _Candidate(_params(spec, value, factor), measured)
+        if best is None or measured > best.recall:
+            best = found
+        if measured < target:
+            continue
+        reaching.append(found)
+        if value == values[0]:
+            break  # a deeper re-rank cannot lower the knob further, it only costs more
+        values = [v for v in values if v < value] + [value]
+    if not reaching:
+        assert best is not None
+        return best
+    if len(reaching) == 1:
+        return reaching[0]
+    scored = [_Candidate(c.params, c.recall, timed(c.params)) for c in reaching]
+    return min(scored, key=lambda c: c.seconds)
+
+
+def _at_depth(
+    spec: IndexSpec, factor: int, recall: Callable[[SearchParams], float]
+) -> Callable[[int], float]:
+    """Recall as a function of the knob alone, at re-rank depth `factor`."""
+    return lambda value: recall(_params(spec, value, factor))
 
 
 def _values(spec: IndexSpec, k: int) -> list[int]:
@@ -71,13 +127,15 @@ def _values(spec: IndexSpec, k: int) -> list[int]:
 def _smallest_reaching(
     values: list[int], recall: Callable[[int], float], target: float
 ) -> tuple[int, float]:
-    """Smallest value with recall >= target (the largest value when none reaches it)."""
+    """Smallest value with recall >= target (else the best value seen before a plateau)."""
     seen: dict[int, float] = {}
-    lo, hi = 0, 0  # largest value known to miss (0: none yet); smallest known to reach
+    lo, hi = values[0] - 1, 0  # largest value known to miss; smallest known to reach (0: none)
     for v in values:
         seen[v] = recall(v)
         if seen[v] >= target:
             hi = v
+            break
+        if lo in seen and seen[v] < seen[lo] + _PLATEAU:
             break
         lo = v
     if not hi:
@@ -90,10 +148,10 @@ def _smallest_reaching(
     return hi, seen[hi]
 
 
-def _params(spec: IndexSpec, value: int) -> SearchParams:
+def _params(spec: IndexSpec, value: int, rerank: int = 0) -> SearchParams:
     if spec.family is Family.IVF:
-        return SearchParams(nprobe=value)
-    return SearchParams(ef_search=value)
+        return SearchParams(nprobe=value, rerank=rerank)
+    return SearchParams(ef_search=value, rerank=rerank)
 
 
 def _ground_truth(
@@ -116,6 +174,11 @@ def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray, k: int) -> fl
     got = _drop_own(found, own, k)
     hits = sum(len(np.intersect1d(g[g >= 0], t[t >= 0])) for g, t in zip(got, truth, strict=True))
     return hits / max(1, int((truth >= 0).sum()))
+
+
+def _seconds(search: SearchFn, queries: np.ndarray, k: int, params: SearchParams) -> float:
+    """Best of a few timings of one-at-a-time searches (other load only ever adds time)."""
+    return min(1 / _single_query_qps(search, queries, k, params) for _ in range(_TIMING_REPEATS))
 
 
 def _single_query_qps(search: SearchFn, queries: np.ndarray, k: int, params: SearchParams) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,14 @@ from index_service import gpu
 from index_service.factory import (
     FLAT,
     MAX_EF_SEARCH,
+    MAX_RERANK,
     Family,
     IndexSpec,
     build_index,
     can_remove,
     empty_index,
     index_bytes,
+    per_shard_factory,
 )
 from index_service.rwlock import RWLock
 from index_service.tuner import tune
@@ -49,7 +51,12 @@ EXACT_SCAN_MAX = 4096
 COMPACT_FRACTION = 0.25
 """HNSW is rebuilt without its tombstones once they exceed this share of its vectors."""
 COMPACT_MIN = 64
+GROWTH_REBUILD = 2
+"""An ANN index is retrained and retuned once its modality holds this many times the vectors
+it was built from (the tuned nprobe / re-rank depth fall short as lists grow)."""
 
+# Candidate vectors gathered at once by a batched re-rank (16 M floats = 64 MiB).
+_RERANK_FLOATS = 1 << 24
 _EMPTY = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64))
 Journal = list[tuple[np.ndarray, np.ndarray | None]]  # (labels, vectors) adds; None: delete
 
@@ -60,7 +67,7 @@ class VectorIndex:
     def __init__(self, dim: int, settings: IndexSettings, lock: RWLock, modality: Modality):
         self.dim = dim
         self.modality = modality
-        self.spec = IndexSpec.parse(settings.factory, dim)
+        self.spec = IndexSpec.parse(shard_factory(settings), dim)
         self._settings = settings
         self._lock = lock
         self._gpu = settings.use_gpu
@@ -77,6 +84,7 @@ class VectorIndex:
         self._op: OperatingPoint | None = None
         self._mapped = False
         self._failed_at = 0
+        self._built_from = 0  # vectors the active ANN index was trained and tuned on
         self._closed = False
 
     # ---- writes (caller holds the lock exclusively) ----
@@ -164,8 +172,9 @@ class VectorIndex:
     def default_params(self) -> SearchParams:
         """The tuned operating point, or a middle-of-the-road setting before tuning."""
         if self._op is not None:
-            return SearchParams(self._op.nprobe, self._op.ef_search)
-        return SearchParams(max(1, self._active_spec.nlist // 16), 128)
+            return SearchParams(self._op.nprobe, self._op.ef_search, self._op.rerank)
+        spec = self._active_spec
+        return SearchParams(max(1, spec.nlist // 16), 128, spec.refine)
 
     def stats(self) -> IndexStats:
         """Counts, memory and the operating point of this index."""
@@ -216,6 +225,7 @@ class VectorIndex:
             "active": self._active_spec.factory,
             "dead": dead,
             "operating_point": asdict(self._op) if self._op else None,
+            "built_from": self._built_from,
         }
 
     def restore(self, directory: Path, state: dict[str, Any], mmap: bool) -> None:
@@ -231,6 +241,7 @@ class VectorIndex:
         self._dead = set(state["dead"])
         op = state.get("operating_point")
         self._op = OperatingPoint(**op) if op else None
+        self._built_from = int(state.get("built_from", len(self)))
         self._mapped = mmap
         if self._gpu and gpu.movable(self._active_spec):
             index, self._mapped = gpu.to_gpu(self._active_spec, index, *self._raw()), False
@@ -259,6 +270,8 @@ class VectorIndex:
             floor = max(self._settings.train_min_vectors or self.spec.auto_train_min(), 1)
             floor = max(floor, self.spec.nlist, 2**self.spec.codebook_bits)
             return n >= floor and n >= 2 * self._failed_at
+        if self._built_from and n >= GROWTH_REBUILD * self._built_from:
+            return n >= 2 * self._failed_at  # retrain and retune: the old point has gone stale
         total = int(self._active.ntotal)
         return len(self._dead) >= max(COMPACT_MIN, COMPACT_FRACTION * total)
 
@@ -269,10 +282,12 @@ class VectorIndex:
                 vecs, labels = self._store.copy()
                 self._journal = []
             new, op = self._build(vecs, labels)
+            built_from = len(vecs)
             del vecs
             with self._lock.write():
                 if not self._closed:
                     self._swap(new, op)
+                    self._built_from = built_from
                 self._journal = None
         except Exception:
             log.exception("rebuilding the %s index as %s failed", self.modality, self.spec.factory)
@@ -282,7 +297,9 @@ class VectorIndex:
 
     def _build(self, vecs: np.ndarray, labels: np.ndarray) -> tuple[Any, OperatingPoint | None]:
         """Train and fill a new index from a copy of the raw vectors, then tune it."""
-        new = build_index(self.spec, vecs, labels)
+        new = build_index(
+            self.spec, vecs, labels, ef_construction=self._settings.hnsw_ef_construction
+        )
         frozen = VectorStore.of(vecs, labels)
 
         def search(queries: np.ndarray, k: int, sp: SearchParams) -> np.ndarray:
@@ -324,7 +341,11 @@ class VectorIndex:
         base = self.default_params()
         if params is None:
             return base
-        return SearchParams(params.nprobe or base.nprobe, params.ef_search or base.ef_search)
+        return SearchParams(
+            params.nprobe or base.nprobe,
+            params.ef_search or base.ef_search,
+            min(params.rerank, MAX_RERANK) or base.rerank,
+        )
 
     def _escalation(self, sp: SearchParams, k: int) -> list[SearchParams]:
         """The requested setting, then wider ones that make a short answer less likely."""
@@ -332,11 +353,11 @@ class VectorIndex:
         if family is Family.IVF:
             top = self._active_spec.nlist
             steps = [min(sp.nprobe, top), min(4 * sp.nprobe, top), top]
-            return [SearchParams(nprobe=p) for p in dict.fromkeys(steps)]
+            return [replace(sp, nprobe=p) for p in dict.fromkeys(steps)]
         if family is Family.HNSW:
             ef = max(sp.ef_search, k)
             steps = [ef, min(4 * ef, MAX_EF_SEARCH), MAX_EF_SEARCH]
-            return [SearchParams(ef_search=e) for e in dict.fromkeys(steps) if e >= ef]
+            return [replace(sp, ef_search=e) for e in dict.fromkeys(steps) if e >= ef]
         return [sp]
 
     def _selector(self, allowed: np.ndarray | None) -> Any:
@@ -358,6 +379,13 @@ class VectorIndex:
         top = np.argpartition(-sims, want - 1)[:want] if want < len(sims) else np.arange(len(sims))
         top = top[np.argsort(-sims[top], kind="stable")]
         return sims[top].astype(np.float32), labels[top]
+
+
+def shard_factory(settings: IndexSettings) -> str:
+    """The factory string one shard builds (IVF lists divided when they count the collection)."""
+    if settings.nlist_scope == "collection":
+        return per_shard_factory(settings.factory, settings.shards)
+    return settings.factory
 
 
 class _BitmapSelector:
@@ -390,7 +418,7 @@ def _search_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One Faiss search with `sp`, re-ranked on raw vectors for lossy codes."""
     refine = spec.lossy and store is not None
-    fetch = k * spec.refine if refine else k
+    fetch = k * (sp.rerank or spec.refine) if refine else k
     if dead and sel is None:  # no selectors (GPU): over-fetch past the tombstones
         fetch += len(dead)
     raw = sel.sel if sel is not None else None
@@ -419,6 +447,17 @@ def _faiss_params(spec: IndexSpec, sp: SearchParams, sel: Any) -> Any:
 
 def _rerank(store: VectorStore, queries: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
     """Exact similarities for candidate labels, best first (-1 labels sink to the end)."""
+    rows = max(1, _RERANK_FLOATS // max(1, labels.shape[1] * queries.shape[1]))
+    if len(queries) <= rows:
+        return _rerank_block(store, queries, labels)
+    parts = [
+        _rerank_block(store, queries[s : s + rows], labels[s : s + rows])
+        for s in range(0, len(queries), rows)
+    ]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+def _rerank_block(store: VectorStore, queries: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
     valid = labels >= 0
     if not valid.any():
         return np.full(labels.shape, -np.inf, dtype=np.float32), labels

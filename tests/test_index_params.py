@@ -28,8 +28,8 @@ def _request(top_k: int = 10, **params: int) -> search_pb2.SearchRequest:
 def test_params_pass_validation_into_the_query() -> None:
     check = Validator(LimitSettings(), DIM, "IVF64,Flat")
     assert check.search_query(_request()).params is None
-    q = check.search_query(_request(nprobe=64, ef_search=10))
-    assert q.params == SearchParams(nprobe=64, ef_search=10)
+    q = check.search_query(_request(nprobe=64, ef_search=10, rerank_factor=64))
+    assert q.params == SearchParams(nprobe=64, ef_search=10, rerank=64)
     assert check.search_query(_request(nprobe=0)).params == SearchParams()
 
 
@@ -40,6 +40,7 @@ def test_params_pass_validation_into_the_query() -> None:
         ("HNSW32", {"ef_search": 5}, r"search_params.ef_search: .*top_k \(10\) to 4096"),
         ("HNSW32", {"ef_search": 5000}, r"search_params.ef_search: .*4096, got 5000"),
         ("Flat", {"nprobe": 100_000}, r"search_params.nprobe: .*1 to 4096"),
+        ("IVF64,RaBitQ", {"rerank_factor": 65}, r"search_params.rerank_factor: .*1 to 64, got 65"),
     ],
 )
 def test_bad_params_name_the_field_and_limit(

@@ -50,20 +50,22 @@ class IndexStats(_message.Message):
     def __init__(self, modality: _Optional[_Union[_common_pb2.Modality, str]] = ..., active_type: _Optional[str] = ..., configured_type: _Optional[str] = ..., vectors: _Optional[int] = ..., tombstones: _Optional[int] = ..., bytes_per_vector: _Optional[float] = ..., rebuilding: _Optional[bool] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ...) -> None: ...
 
 class OperatingPoint(_message.Message):
-    __slots__ = ("nprobe", "ef_search", "recall", "target_recall", "k", "qps")
+    __slots__ = ("nprobe", "ef_search", "recall", "target_recall", "k", "qps", "rerank_factor")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     QPS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FACTOR_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     ef_search: int
     recall: float
     target_recall: float
     k: int
     qps: float
-    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., recall: _Optional[float] = ..., target_recall: _Optional[float] = ..., k: _Optional[int] = ..., qps: _Optional[float] = ...) -> None: ...
+    rerank_factor: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., recall: _Optional[float] = ..., target_recall: _Optional[float] = ..., k: _Optional[int] = ..., qps: _Optional[float] = ..., rerank_factor: _Optional[int] = ...) -> None: ...
 
 class BatchHistogram(_message.Message):
     __slots__ = ("modality", "batches")

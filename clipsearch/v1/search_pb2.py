@@ -26,7 +26,7 @@ from clipsearch.v1 import common_pb2 as clipsearch_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipsearch/v1/search.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x06\x46ilter\x12\x42\n\x0fmetadata_equals\x18\x01 \x03(\x0b\x32).clipsearch.v1.Filter.MetadataEqualsEntry\x12.\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x18.clipsearch.v1.TimeRange\x1a\x35\n\x13MetadataEqualsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x07Recency\x12\x15\n\rdecay_per_day\x18\x01 \x01(\x01\x12\x32\n\x0ereference_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe7\x02\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\'\n\x06vector\x18\x03 \x01(\x0b\x32\x15.clipsearch.v1.VectorH\x00\x12\'\n\x06target\x18\x04 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12\r\n\x05top_k\x18\x05 \x01(\r\x12%\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x15.clipsearch.v1.Filter\x12\'\n\x07recency\x18\x07 \x01(\x0b\x32\x16.clipsearch.v1.Recency\x12\x15\n\rallow_partial\x18\x08 \x01(\x08\x12\x30\n\x0ctext_options\x18\t \x01(\x0b\x32\x1a.clipsearch.v1.TextOptions\x12\x32\n\rsearch_params\x18\n \x01(\x0b\x32\x1b.clipsearch.v1.SearchParamsB\x07\n\x05query\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\"\xeb\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\r\n\x05\x64\x65\x63\x61y\x18\x03 \x01(\x02\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x30\n\x0cpublish_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08metadata\x18\x06 \x03(\x0b\x32 .clipsearch.v1.Hit.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08merge_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x11\n\trerank_ms\x18\x06 \x01(\x01\"\xf9\x01\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.clipsearch.v1.Hit\x12\'\n\x07recency\x18\x02 \x01(\x0b\x32\x16.clipsearch.v1.Recency\x12\x1b\n\x13\x63\x61ndidates_examined\x18\x03 \x01(\r\x12\x17\n\x0fshards_answered\x18\x04 \x01(\r\x12\x14\n\x0cshards_total\x18\x05 \x01(\r\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.clipsearch.v1.Timings\x12\x0f\n\x07partial\x18\x07 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x08 \x03(\r\"\xc5\x02\n\x0eUpsertDocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0cimage_vector\x18\x04 \x01(\x0b\x32\x15.clipsearch.v1.Vector\x12*\n\x0btext_vector\x18\x05 \x01(\x0b\x32\x15.clipsearch.v1.Vector\x12\x30\n\x0cpublish_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x08metadata\x18\x07 \x03(\x0b\x32+.clipsearch.v1.UpsertDocument.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x08 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\rUpsertRequest\x12\x30\n\tdocuments\x18\x01 \x03(\x0b\x32\x1d.clipsearch.v1.UpsertDocument\x12\x30\n\x0ctext_options\x18\x02 \x01(\x0b\x32\x1a.clipsearch.v1.TextOptions\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"0\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"N\n\x0bGetResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.clipsearch.v1.Document\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t2\xa2\x02\n\rSearchService\x12\x45\n\x06Search\x12\x1c.clipsearch.v1.SearchRequest\x1a\x1d.clipsearch.v1.SearchResponse\x12\x45\n\x06Upsert\x12\x1c.clipsearch.v1.UpsertRequest\x1a\x1d.clipsearch.v1.UpsertResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.clipsearch.v1.DeleteRequest\x1a\x1d.clipsearch.v1.DeleteResponse\x12<\n\x03Get\x12\x19.clipsearch.v1.GetRequest\x1a\x1a.clipsearch.v1.GetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lipsearch/v1/search.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x06\x46ilter\x12\x42\n\x0fmetadata_equals\x18\x01 \x03(\x0b\x32).clipsearch.v1.Filter.MetadataEqualsEntry\x12.\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x18.clipsearch.v1.TimeRange\x1a\x35\n\x13MetadataEqualsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x07Recency\x12\x15\n\rdecay_per_day\x18\x01 \x01(\x01\x12\x32\n\x0ereference_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe7\x02\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\'\n\x06vector\x18\x03 \x01(\x0b\x32\x15.clipsearch.v1.VectorH\x00\x12\'\n\x06target\x18\x04 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12\r\n\x05top_k\x18\x05 \x01(\r\x12%\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x15.clipsearch.v1.Filter\x12\'\n\x07recency\x18\x07 \x01(\x0b\x32\x16.clipsearch.v1.Recency\x12\x15\n\rallow_partial\x18\x08 \x01(\x08\x12\x30\n\x0ctext_options\x18\t \x01(\x0b\x32\x1a.clipsearch.v1.TextOptions\x12\x32\n\rsearch_params\x18\n \x01(\x0b\x32\x1b.clipsearch.v1.SearchParamsB\x07\n\x05query\"H\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\x12\x15\n\rrerank_factor\x18\x03 \x01(\r\"\xeb\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\x12\r\n\x05\x64\x65\x63\x61y\x18\x03 \x01(\x02\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x30\n\x0cpublish_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08metadata\x18\x06 \x03(\x0b\x32 .clipsearch.v1.Hit.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08merge_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x11\n\trerank_ms\x18\x06 \x01(\x01\"\xf9\x01\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.clipsearch.v1.Hit\x12\'\n\x07recency\x18\x02 \x01(\x0b\x32\x16.clipsearch.v1.Recency\x12\x1b\n\x13\x63\x61ndidates_examined\x18\x03 \x01(\r\x12\x17\n\x0fshards_answered\x18\x04 \x01(\r\x12\x14\n\x0cshards_total\x18\x05 \x01(\r\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.clipsearch.v1.Timings\x12\x0f\n\x07partial\x18\x07 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x08 \x03(\r\"\xc5\x02\n\x0eUpsertDocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0cimage_vector\x18\x04 \x01(\x0b\x32\x15.clipsearch.v1.Vector\x12*\n\x0btext_vector\x18\x05 \x01(\x0b\x32\x15.clipsearch.v1.Vector\x12\x30\n\x0cpublish_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x08metadata\x18\x07 \x03(\x0b\x32+.clipsearch.v1.UpsertDocument.MetadataEntry\x12\x0f\n\x07\x63\x61ption\x18\x08 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\rUpsertRequest\x12\x30\n\tdocuments\x18\x01 \x03(\x0b\x32\x1d.clipsearch.v1.UpsertDocument\x12\x30\n\x0ctext_options\x18\x02 \x01(\x0b\x32\x1a.clipsearch.v1.TextOptions\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"0\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"N\n\x0bGetResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.clipsearch.v1.Document\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t2\xa2\x02\n\rSearchService\x12\x45\n\x06Search\x12\x1c.clipsearch.v1.SearchRequest\x1a\x1d.clipsearch.v1.SearchResponse\x12\x45\n\x06Upsert\x12\x1c.clipsearch.v1.UpsertRequest\x1a\x1d.clipsearch.v1.UpsertResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.clipsearch.v1.DeleteRequest\x1a\x1d.clipsearch.v1.DeleteResponse\x12<\n\x03Get\x12\x19.clipsearch.v1.GetRequest\x1a\x1a.clipsearch.v1.GetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_start=375
   _globals['_SEARCHREQUEST']._serialized_end=734
   _globals['_SEARCHPARAMS']._serialized_start=736
-  _globals['_SEARCHPARAMS']._serialized_end=785
-  _globals['_HIT']._serialized_start=788
-  _globals['_HIT']._serialized_end=1023
-  _globals['_HIT_METADATAENTRY']._serialized_start=976
-  _globals['_HIT_METADATAENTRY']._serialized_end=1023
-  _globals['_TIMINGS']._serialized_start=1025
-  _globals['_TIMINGS']._serialized_end=1146
-  _globals['_SEARCHRESPONSE']._serialized_start=1149
-  _globals['_SEARCHRESPONSE']._serialized_end=1398
-  _globals['_UPSERTDOCUMENT']._serialized_start=1401
-  _globals['_UPSERTDOCUMENT']._serialized_end=1726
-  _globals['_UPSERTDOCUMENT_METADATAENTRY']._serialized_start=976
-  _globals['_UPSERTDOCUMENT_METADATAENTRY']._serialized_end=1023
-  _globals['_UPSERTREQUEST']._serialized_start=1728
-  _globals['_UPSERTREQUEST']._serialized_end=1843
-  _globals['_UPSERTRESPONSE']._serialized_start=1845
-  _globals['_UPSERTRESPONSE']._serialized_end=1879
-  _globals['_DELETEREQUEST']._serialized_start=1881
-  _globals['_DELETEREQUEST']._serialized_end=1909
-  _globals['_DELETERESPONSE']._serialized_start=1911
-  _globals['_DELETERESPONSE']._serialized_end=1944
-  _globals['_GETREQUEST']._serialized_start=1946
-  _globals['_GETREQUEST']._serialized_end=1994
-  _globals['_GETRESPONSE']._serialized_start=1996
-  _globals['_GETRESPONSE']._serialized_end=2074
-  _globals['_SEARCHSERVICE']._serialized_start=2077
-  _globals['_SEARCHSERVICE']._serialized_end=2367
+  _globals['_SEARCHPARAMS']._serialized_end=808
+  _globals['_HIT']._serialized_start=811
+  _globals['_HIT']._serialized_end=1046
+  _globals['_HIT_METADATAENTRY']._serialized_start=999
+  _globals['_HIT_METADATAENTRY']._serialized_end=1046
+  _globals['_TIMINGS']._serialized_start=1048
+  _globals['_TIMINGS']._serialized_end=1169
+  _globals['_SEARCHRESPONSE']._serialized_start=1172
+  _globals['_SEARCHRESPONSE']._serialized_end=1421
+  _globals['_UPSERTDOCUMENT']._serialized_start=1424
+  _globals['_UPSERTDOCUMENT']._serialized_end=1749
+  _globals['_UPSERTDOCUMENT_METADATAENTRY']._serialized_start=999
+  _globals['_UPSERTDOCUMENT_METADATAENTRY']._serialized_end=1046
+  _globals['_UPSERTREQUEST']._serialized_start=1751
+  _globals['_UPSERTREQUEST']._serialized_end=1866
+  _globals['_UPSERTRESPONSE']._serialized_start=1868
+  _globals['_UPSERTRESPONSE']._serialized_end=1902
+  _globals['_DELETEREQUEST']._serialized_start=1904
+  _globals['_DELETEREQUEST']._serialized_end=1932
+  _globals['_DELETERESPONSE']._serialized_start=1934
+  _globals['_DELETERESPONSE']._serialized_end=1967
+  _globals['_GETREQUEST']._serialized_start=1969
+  _globals['_GETREQUEST']._serialized_end=2017
+  _globals['_GETRESPONSE']._serialized_start=2019
+  _globals['_GETRESPONSE']._serialized_end=2097
+  _globals['_SEARCHSERVICE']._serialized_start=2100
+  _globals['_SEARCHSERVICE']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -58,12 +58,14 @@ class SearchRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., target: _Optional[_Union[_common_pb2.Modality, str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., recency: _Optional[_Union[Recency, _Mapping]] = ..., allow_partial: _Optional[bool] = ..., text_options: _Optional[_Union[_common_pb2.TextOptions, _Mapping]] = ..., search_params: _Optional[_Union[SearchParams, _Mapping]] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("nprobe", "ef_search")
+    __slots__ = ("nprobe", "ef_search", "rerank_factor")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FACTOR_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     ef_search: int
-    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
+    rerank_factor: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., rerank_factor: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "similarity", "decay", "score", "publish_time", "metadata", "caption")

@@ -267,8 +267,9 @@ func (x *IndexStats) GetOperatingPoint() *OperatingPoint {
 	return nil
 }
 
-// The tuner's choice: the fastest setting whose recall@k against exact search on a held-out
-// sample of stored vectors reached target_recall.
+// The tuner's choice: the fastest setting (nprobe or ef_search, and for lossy indexes the
+// re-rank depth) whose recall@k against exact search on a held-out sample of stored vectors
+// reached target_recall. Retuned (with a retrain) whenever the index has doubled since.
 type OperatingPoint struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Nprobe   uint32                 `protobuf:"varint,1,opt,name=nprobe,proto3" json:"nprobe,omitempty"`
@@ -278,7 +279,10 @@ type OperatingPoint struct {
 	TargetRecall float64 `protobuf:"fixed64,4,opt,name=target_recall,json=targetRecall,proto3" json:"target_recall,omitempty"`
 	K            uint32  `protobuf:"varint,5,opt,name=k,proto3" json:"k,omitempty"`
 	// Queries per second of one-at-a-time search at this setting on the tuning sample.
-	Qps           float64 `protobuf:"fixed64,6,opt,name=qps,proto3" json:"qps,omitempty"`
+	Qps float64 `protobuf:"fixed64,6,opt,name=qps,proto3" json:"qps,omitempty"`
+	// Lossy indexes (PQ, RaBitQ, SQ8): the re-rank depth chosen jointly with nprobe (k x
+	// rerank_factor candidates re-ranked exactly); 0 for types with nothing to re-rank.
+	RerankFactor  uint32 `protobuf:"varint,7,opt,name=rerank_factor,json=rerankFactor,proto3" json:"rerank_factor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -351,6 +355,13 @@ func (x *OperatingPoint) GetK() uint32 {
 func (x *OperatingPoint) GetQps() float64 {
 	if x != nil {
 		return x.Qps
+	}
+	return 0
+}
+
+func (x *OperatingPoint) GetRerankFactor() uint32 {
+	if x != nil {
+		return x.RerankFactor
 	}
 	return 0
 }
@@ -723,14 +734,15 @@ const file_clipsearch_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"rebuilding\x18\a \x01(\bR\n" +
 	"rebuilding\x12F\n" +
-	"\x0foperating_point\x18\b \x01(\v2\x1d.clipsearch.v1.OperatingPointR\x0eoperatingPoint\"\xa2\x01\n" +
+	"\x0foperating_point\x18\b \x01(\v2\x1d.clipsearch.v1.OperatingPointR\x0eoperatingPoint\"\xc7\x01\n" +
 	"\x0eOperatingPoint\x12\x16\n" +
 	"\x06nprobe\x18\x01 \x01(\rR\x06nprobe\x12\x1b\n" +
 	"\tef_search\x18\x02 \x01(\rR\befSearch\x12\x16\n" +
 	"\x06recall\x18\x03 \x01(\x01R\x06recall\x12#\n" +
 	"\rtarget_recall\x18\x04 \x01(\x01R\ftargetRecall\x12\f\n" +
 	"\x01k\x18\x05 \x01(\rR\x01k\x12\x10\n" +
-	"\x03qps\x18\x06 \x01(\x01R\x03qps\"\xc7\x01\n" +
+	"\x03qps\x18\x06 \x01(\x01R\x03qps\x12#\n" +
+	"\rrerank_factor\x18\a \x01(\rR\frerankFactor\"\xc7\x01\n" +
 	"\x0eBatchHistogram\x123\n" +
 	"\bmodality\x18\x01 \x01(\x0e2\x17.clipsearch.v1.ModalityR\bmodality\x12D\n" +
 	"\abatches\x18\x02 \x03(\v2*.clipsearch.v1.BatchHistogram.BatchesEntryR\abatches\x1a:\n" +
