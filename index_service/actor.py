@@ -248,7 +248,9 @@ def start_shards(
     """Start `index.shards` actors (restarted by Ray after a crash) and wait until recovered."""
     remote_cls: Any = ray.remote(num_cpus=0, max_restarts=-1)(ShardActor)
     actors = [
-        remote_cls.options(name=f"{name_prefix}-{i}").remote(i, dim, index, data_dir, model_id)
+        remote_cls.options(name=f"{name_prefix}-{i}", resources=dict(index.actor_resources)).remote(
+            i, dim, index, data_dir, model_id
+        )
         for i in range(index.shards)
     ]
     ray.get([a.ready.remote() for a in actors])
