@@ -10,7 +10,8 @@ under /tmp with its exact ground truth, plus a difficulty check (IVF nprobe=1 re
 
 Usage:
   PYTHONPATH=. python bench/index.py [--n 1000000] [--dim 512] \
-      [--types 'Flat;IVF1024,Flat;HNSW32'] [--shards-check]
+      [--types 'Flat;IVF1024,Flat;HNSW32'] [--shards-check 'Flat;IVF1024,Flat'] \
+      [--ef-construction 128] [--milvus 200000]
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import faiss
 import numpy as np
 
 from clipsearch.types import SearchParams
-from index_service.factory import Family, IndexSpec, build_index, index_bytes
+from index_service.factory import Family, IndexSpec, build_index, index_bytes, per_shard_factory
 from index_service.router import shard_of
-from index_service.tuner import tune
+from index_service.tuner import held_out_rows, tune
 from index_service.vector_index import _search_index
 from index_service.vectors import VectorStore
 
@@ -80,21 +81,27 @@ def qps_batched(fn, queries: np.ndarray) -> float:  # type: ignore[no-untyped-de
     return len(queries) / (time.perf_counter() - t)
 
 
-def run_type(factory: str, base: np.ndarray, queries: np.ndarray, gt: np.ndarray, single: int):  # type: ignore[no-untyped-def]
+def run_type(factory: str, base: np.ndarray, queries: np.ndarray, gt: np.ndarray, args):  # type: ignore[no-untyped-def]
+    single = args.single
     spec = IndexSpec.parse(factory, base.shape[1])
     labels = np.arange(len(base), dtype=np.int64)
-    t0 = time.perf_counter()
-    index = build_index(spec, base, labels)
-    build_s = time.perf_counter() - t0
     store = VectorStore.of(base, labels) if spec.family is not Family.FLAT else None
+    # The steps of VectorIndex._build (what a shard runs), timed apart.
+    held = held_out_rows(spec, len(base), K)
+    t0 = time.perf_counter()
+    index = build_index(spec, base, labels, ef_construction=args.ef_construction, skip=held)
+    build_s = time.perf_counter() - t0
 
     def search(q: np.ndarray, k: int, sp: SearchParams) -> np.ndarray:
         return _search_index(index, spec, store, q, k, sp, None, set())[1]
 
     t0 = time.perf_counter()
-    op = tune(spec, search, base, labels, 0.95, K)
+    op = tune(spec, search, base, labels, held, 0.95, K) if len(held) else None
     tune_s = time.perf_counter() - t0
-    sp = SearchParams(op.nprobe, op.ef_search) if op else SearchParams()
+    t0 = time.perf_counter()
+    index.add_with_ids(np.ascontiguousarray(base[held]), labels[held])
+    build_s += time.perf_counter() - t0
+    sp = SearchParams(op.nprobe, op.ef_search, op.rerank) if op else SearchParams()
     fn = lambda q: search(q, K, sp)  # noqa: E731
     idx_b = index_bytes(index) / len(base)
     raw_b = (store.nbytes / len(base)) if store else 0.0
@@ -104,7 +111,7 @@ def run_type(factory: str, base: np.ndarray, queries: np.ndarray, gt: np.ndarray
         "tune_s": tune_s,
         "index_B": idx_b,
         "total_B": idx_b + raw_b,
-        "point": f"nprobe={op.nprobe}" if op and op.nprobe else f"ef={op.ef_search}" if op else "-",
+        "point": point(op),
         "tuned_recall": op.recall if op else 1.0,
         "recall": recall(fn(queries), gt),
         "qps1": qps_single(
@@ -117,27 +124,94 @@ def run_type(factory: str, base: np.ndarray, queries: np.ndarray, gt: np.ndarray
     return row, (index, spec, store, sp)
 
 
+def point(op) -> str:  # type: ignore[no-untyped-def]
+    """The operating point as text, e.g. 'np=8 rr=4' (nprobe, re-rank factor) or 'ef=64'."""
+    if op is None:
+        return "-"
+    knob = f"np={op.nprobe}" if op.nprobe else f"ef={op.ef_search}"
+    return f"{knob} rr={op.rerank}" if op.rerank else knob
+
+
 def shards_check(
-    factory: str, base: np.ndarray, queries: np.ndarray, sp: SearchParams, one: np.ndarray
-) -> str:
-    """Merged top-K over 4 shards (routed by document id) vs the single index's answer."""
+    factory: str, base: np.ndarray, queries: np.ndarray, sp: SearchParams, gt: np.ndarray
+) -> list[str]:
+    """4 shards (routed by document id, merged top-K) vs the single index, as deployed.
+
+    Each shard builds `factory` and runs its own tuner (what a shard actor does); IVF types
+    are also built with nlist / 4 per shard (index.nlist_scope = collection). Each layout is
+    searched at its shards' own tuned points and at the single index's point `sp`.
+    """
     spec = IndexSpec.parse(factory, base.shape[1])
     route = np.fromiter((shard_of(f"d{i}", 4) for i in range(len(base))), dtype=np.int64)
-    sims, labs = [], []
+    layouts = [("same nlist", spec.factory)]
+    if spec.family is Family.IVF:
+        layouts.append(("nlist/4", per_shard_factory(spec.factory, 4)))
+    lines = []
+    for name, shard_factory in layouts:
+        parts = _shard_answers(
+            IndexSpec.parse(shard_factory, base.shape[1]), base, route, queries, sp
+        )
+        for how, merged, secs, points in parts:
+            if spec.family is Family.FLAT and how == "tuned":
+                continue
+            lines.append(
+                f"{shard_factory} x4 ({name}) at {how}: recall {recall(merged, gt):.4f}, "
+                f"identical top-{K} sets {_same(merged, gt):.3f}, batched QPS "
+                f"{len(queries) / secs:.0f} (4 shards in turn){points}"
+            )
+    return lines
+
+
+def _shard_answers(spec, base, route, queries, sp):  # type: ignore[no-untyped-def]
+    """[(setting, merged top-K labels, seconds, points)] for the tuned points and for `sp`."""
+    per = {"tuned": ([], [], 0.0), "single's point": ([], [], 0.0)}
+    ops = []
     for s in range(4):
         labels = np.flatnonzero(route == s).astype(np.int64)
         part = np.ascontiguousarray(base[labels])
-        index = build_index(spec, part, labels)
         store = VectorStore.of(part, labels) if spec.family is not Family.FLAT else None
-        d, i = _search_index(index, spec, store, queries, K, sp, None, set())
-        sims.append(d)
-        labs.append(i)
-        del index, part
+        index, op = _build_tuned(spec, part, labels, store)
+
+        def search(q, k, p, index=index, store=store):  # type: ignore[no-untyped-def]
+            return _search_index(index, spec, store, q, k, p, None, set())
+
+        ops.append(point(op))
+        tuned = SearchParams(op.nprobe, op.ef_search, op.rerank) if op else SearchParams()
+        for how, params in (("tuned", tuned), ("single's point", sp)):
+            t = time.perf_counter()
+            d, i = search(queries, K, params)
+            sims, labs, secs = per[how]
+            sims.append(d)
+            labs.append(i)
+            per[how] = (sims, labs, secs + time.perf_counter() - t)
+        del index, part, store
         gc.collect()
-    d, i = np.concatenate(sims, 1), np.concatenate(labs, 1)
-    merged = np.take_along_axis(i, np.argsort(-d, axis=1, kind="stable")[:, :K], 1)
-    same = float(np.mean([set(a) == set(b) for a, b in zip(merged, one, strict=True)]))
-    return f"{factory}: 4-shard vs 1-shard identical top-{K} sets {same:.3f}", merged
+    out = []
+    for how, (sims, labs, secs) in per.items():
+        d, i = np.concatenate(sims, 1), np.concatenate(labs, 1)
+        merged = np.take_along_axis(i, np.argsort(-d, axis=1, kind="stable")[:, :K], 1)
+        out.append((how, merged, secs, f" [{', '.join(ops)}]" if how == "tuned" else ""))
+    return out
+
+
+def _build_tuned(spec, vectors, labels, store):  # type: ignore[no-untyped-def]
+    """What a shard's rebuild does (VectorIndex._build): build without the tuning sample,
+    tune on it, add it."""
+    held = held_out_rows(spec, len(vectors), K)
+    index = build_index(spec, vectors, labels, skip=held)
+    if not len(held):
+        return index, None
+
+    def search(q, k, p):  # type: ignore[no-untyped-def]
+        return _search_index(index, spec, store, q, k, p, None, set())[1]
+
+    op = tune(spec, search, vectors, labels, held, 0.95, K)
+    index.add_with_ids(np.ascontiguousarray(vectors[held]), labels[held])
+    return index, op
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([set(x) == set(y) for x, y in zip(a, b, strict=True)]))
 
 
 def main() -> None:
@@ -147,42 +221,66 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     ap.add_argument("--types", default=DEFAULT_TYPES, help="factory strings separated by ';'")
-    ap.add_argument("--shards-check", action="store_true")
+    ap.add_argument(
+        "--shards-check", default="", help="types (';'-separated) also run as 4 shards vs 1"
+    )
+    ap.add_argument("--ef-construction", type=int, default=0, help="HNSW; 0 = Faiss's 40")
+    ap.add_argument(
+        "--milvus", type=int, default=0, help="also Milvus Lite, on the first N vectors (ours too)"
+    )
     args = ap.parse_args()
     faiss.omp_set_num_threads(max(1, faiss.omp_get_max_threads()))
     t0 = time.perf_counter()
     base, queries, gt = dataset(args.n, args.dim, args.queries)
+    if args.milvus:
+        base = base[: args.milvus]
+        _, gt = faiss.knn(queries, base, K, faiss.METRIC_INNER_PRODUCT)
     print(
-        f"data {args.n} x {args.dim} (+{args.queries} held-out queries), ready in "
+        f"data {len(base)} x {args.dim} (+{args.queries} held-out queries), ready in "
         f"{time.perf_counter() - t0:.0f} s, {faiss.omp_get_max_threads()} threads"
     )
     head = (
         f"{'type':<18}{'build s':>8}{'tune s':>7}{'idx B/v':>8}{'+raw B/v':>9}"
-        f"{'op point':>12}{'tuned R':>8}{'R@10':>7}{'QPS 1':>8}{'QPS batch':>10}{'nprobe1 R':>10}"
+        f"{'op point':>14}{'tuned R':>8}{'R@10':>7}{'QPS 1':>8}{'QPS batch':>10}{'nprobe1 R':>10}"
     )
     print(head)
     exact_batched = None
     for factory in args.types.split(";"):
-        row, (index, spec, store, sp) = run_type(factory, base, queries, gt, args.single)
+        row, (index, spec, store, sp) = run_type(factory, base, queries, gt, args)
         if factory == "Flat":
             exact_batched = row["qpsB"]
         speed = f"  {row['qpsB'] / exact_batched:5.1f}x exact batched" if exact_batched else ""
         print(
             f"{row['type']:<18}{row['build_s']:>8.1f}{row['tune_s']:>7.1f}{row['index_B']:>8.0f}"
-            f"{row['total_B']:>9.0f}{row['point']:>12}{row['tuned_recall']:>8.3f}"
+            f"{row['total_B']:>9.0f}{row['point']:>14}{row['tuned_recall']:>8.3f}"
             f"{row['recall']:>7.3f}{row['qps1']:>8.0f}{row['qpsB']:>10.0f}"
             f"{row.get('nprobe1', float('nan')):>10.3f}{speed}",
             flush=True,
         )
-        if args.shards_check:
+        if factory in args.shards_check.split(";"):
             one = _search_index(index, spec, store, queries, K, sp, None, set())[1]
+            print(f"    1 shard: identical top-{K} sets {_same(one, gt):.3f}", flush=True)
             index = None
             gc.collect()
-            line, merged = shards_check(factory, base, queries, sp, one)
-            r1, r4 = recall(one, gt), recall(merged, gt)
-            print(f"    {line}; recall 1 shard {r1:.4f}, 4 shards {r4:.4f}", flush=True)
+            for line in shards_check(factory, base, queries, sp, gt):
+                print(f"    {line}", flush=True)
         del index, store
         gc.collect()
+    if args.milvus:
+        milvus(base, queries, gt, args.single, exact_batched)
+
+
+def milvus(base, queries, gt, single: int, exact_batched: float | None) -> None:  # type: ignore[no-untyped-def]
+    """Milvus Lite rows on the same vectors and queries, in the same table layout."""
+    from bench.milvus_lite import compare
+
+    for row in compare(base, queries, gt, recall, 0.95, K, single):
+        speed = f"  {row['qpsB'] / exact_batched:5.1f}x exact batched" if exact_batched else ""
+        print(
+            f"{row['type']:<18}{row['build_s']:>8.1f}{'':>24}{row['point']:>14}{'':>8}"
+            f"{row['recall']:>7.3f}{row['qps1']:>8.0f}{row['qpsB']:>10.0f}{'':>10}{speed}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -136,10 +136,12 @@ def build_index(
     labels: np.ndarray,
     seed: int = 0,
     ef_construction: int = 0,
+    skip: np.ndarray | None = None,
 ) -> faiss.Index:
     """A trained index of `spec` holding `vectors` under `labels` (training on a sample).
 
     `ef_construction`: HNSW candidate list while linking (0 = Faiss's default, 40).
+    `skip`: sorted rows not to add (they may still be in the training sample).
     """
     index = empty_index(spec, vectors.shape[1])
     if spec.family is Family.HNSW and ef_construction:
@@ -151,8 +153,11 @@ def build_index(
         rows = np.sort(rng.choice(len(vectors), size=take, replace=False))
         index.train(np.ascontiguousarray(vectors[rows]))
     for start in range(0, len(vectors), _ADD_CHUNK):
-        end = start + _ADD_CHUNK
-        index.add_with_ids(np.ascontiguousarray(vectors[start:end]), labels[start:end])
+        end = min(start + _ADD_CHUNK, len(vectors))
+        rows = np.arange(start, end)
+        if skip is not None and len(skip):
+            rows = rows[~np.isin(rows, skip)]
+        index.add_with_ids(np.ascontiguousarray(vectors[rows]), labels[rows])
     return index
 
 

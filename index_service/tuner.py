@@ -1,15 +1,15 @@
 """Choose default search parameters: the fastest setting whose recall@k reaches a target.
 
-Queries are stored vectors drawn at random; each query's own document is left out of both
-the exact ground truth and the approximate answer, so recall measures real neighbours and
-not the trivial self-match. A setting reaches the target when its mean recall less one
-standard error over those queries does (so it holds on queries the tuner never saw, not
-just on its sample); Stats reports the mean. Cost grows with nprobe / efSearch, so for a
-fixed re-rank depth the smallest value that reaches the target is the fastest one: sweep by
-doubling, then bisect the last gap. Lossy codes (PQ, RaBitQ, SQ8) add a second knob, the
-re-rank depth (k x factor candidates re-ranked exactly): a deeper list needs a smaller
-nprobe, so each depth gets its smallest nprobe (never more than the shallower depth needed)
-and the pair that answers single queries fastest (as a shard serves them) wins.
+Queries are a sample of the vectors left out of the index while it is tuned (then added):
+recall is measured the way a new query meets it, not from inside the index. A setting
+reaches the target when its mean recall less one standard error over those queries does
+(so it holds on queries the tuner never saw, not just on its sample); Stats reports the
+mean. Cost grows with nprobe / efSearch, so for a fixed re-rank depth the smallest value
+that reaches the target is the fastest one: sweep by doubling, then bisect the last gap.
+Lossy codes (PQ, RaBitQ, SQ8) add a second knob, the re-rank depth (k x factor candidates
+re-ranked exactly): a deeper list needs a smaller nprobe, so each depth gets its smallest
+nprobe (never more than the shallower depth needed) and the pair that answers single
+queries fastest (as a shard serves them) wins.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ SearchFn = Callable[[np.ndarray, int, SearchParams], np.ndarray]
 """(queries, k, params) -> labels (nq, k), -1 for missing."""
 
 _QUERIES = 200
+_NONE = np.zeros(0, dtype=np.int64)
 _QPS_QUERIES = 50
 # Doubling the knob gaining less recall than this means the codes, not the search, limit
 # recall: a deeper re-rank is needed, so the sweep at this depth stops.
@@ -47,20 +48,16 @@ def tune(
     search: SearchFn,
     vectors: np.ndarray,
     labels: np.ndarray,
+    held: np.ndarray,
     target: float,
     k: int,
-    seed: int = 1,
-) -> OperatingPoint | None:
-    """The operating point for an index of `spec` holding `vectors` (None for Flat)."""
-    if spec.family is Family.FLAT or len(vectors) <= k + 1:
-        return None
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(len(vectors), size=min(_QUERIES, len(vectors)), replace=False)
-    queries = np.ascontiguousarray(vectors[rows])
-    truth = _ground_truth(queries, vectors, labels, labels[rows], k)
+) -> OperatingPoint:
+    """The operating point of an index holding `vectors` except rows `held` (the queries)."""
+    queries = np.ascontiguousarray(vectors[held])
+    truth = _ground_truth(queries, vectors, labels, labels[held], k)
 
     def per_query(sp: SearchParams) -> np.ndarray:
-        return _recall(search(queries, k + 1, sp), truth, labels[rows], k)
+        return _recall(search(queries, k, sp), truth)
 
     def recall(sp: SearchParams) -> float:
         return _lower_bound(per_query(sp))
@@ -78,6 +75,17 @@ def tune(
         qps=_single_query_qps(search, queries[:_QPS_QUERIES], k, best.params),
         rerank=best.params.rerank,
     )
+
+
+def held_out_rows(spec: IndexSpec, n: int, k: int, seed: int = 1) -> np.ndarray:
+    """Sorted rows of `n` vectors to tune on, to be left out of the index until `tune` has run
+    (a query that is itself in the index is easier than a new one: an HNSW walk lands on its
+    own node, whose links are its neighbours). Up to 200, at most a tenth; none for Flat or
+    when too few."""
+    size = min(_QUERIES, n // 10)
+    if spec.family is Family.FLAT or size < 1 or n - size <= k:
+        return _NONE
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
 def _fastest_reaching(
@@ -160,25 +168,24 @@ def _params(spec: IndexSpec, value: int, rerank: int = 0) -> SearchParams:
 
 
 def _ground_truth(
-    queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray, own: np.ndarray, k: int
+    queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray, held: np.ndarray, k: int
 ) -> np.ndarray:
-    _, rows = faiss.knn(queries, np.ascontiguousarray(vectors), k + 1, faiss.METRIC_INNER_PRODUCT)
-    return _drop_own(labels[rows], own, k)
-
-
-def _drop_own(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """Each row without the query's own label, cut to k."""
+    """Exact top-k labels among the indexed vectors (the held-out ones are not indexed)."""
+    extra = min(len(held), k)  # held-out vectors may rank among the neighbours: fetch past them
+    _, rows = faiss.knn(
+        queries, np.ascontiguousarray(vectors), k + extra, faiss.METRIC_INNER_PRODUCT
+    )
+    found = labels[rows]
     out = np.full((len(found), k), -1, dtype=np.int64)
     for i, row in enumerate(found):
-        kept = row[(row != own[i]) & (row >= 0)][:k]
+        kept = row[(row >= 0) & ~np.isin(row, held)][:k]
         out[i, : len(kept)] = kept
     return out
 
 
-def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+def _recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-query recall (queries without any true neighbour left out)."""
-    got = _drop_own(found, own, k)
-    hits = [len(np.intersect1d(g[g >= 0], t[t >= 0])) for g, t in zip(got, truth, strict=True)]
+    hits = [len(np.intersect1d(g[g >= 0], t[t >= 0])) for g, t in zip(found, truth, strict=True)]
     wanted = (truth >= 0).sum(axis=1)
     return (np.asarray(hits) / np.maximum(wanted, 1))[wanted > 0]
 

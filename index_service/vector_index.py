@@ -41,7 +41,7 @@ from index_service.factory import (
     per_shard_factory,
 )
 from index_service.rwlock import RWLock
-from index_service.tuner import tune
+from index_service.tuner import held_out_rows, tune
 from index_service.vectors import VectorStore
 
 log = logging.getLogger("clipsearch.index")
@@ -296,17 +296,21 @@ class VectorIndex:
                 self._failed_at = len(self._store) if self._store is not None else 0
 
     def _build(self, vecs: np.ndarray, labels: np.ndarray) -> tuple[Any, OperatingPoint | None]:
-        """Train and fill a new index from a copy of the raw vectors, then tune it."""
-        new = build_index(
-            self.spec, vecs, labels, ef_construction=self._settings.hnsw_ef_construction
-        )
+        """Train and fill a new index from a copy of the raw vectors, tuning it on a sample that
+        joins it only afterwards."""
+        s = self._settings
+        held = held_out_rows(self.spec, len(vecs), s.tune_k)
+        efc = s.hnsw_ef_construction
+        new = build_index(self.spec, vecs, labels, ef_construction=efc, skip=held)
         frozen = VectorStore.of(vecs, labels)
 
         def search(queries: np.ndarray, k: int, sp: SearchParams) -> np.ndarray:
             return _search_index(new, self.spec, frozen, queries, k, sp, None, set())[1]
 
-        s = self._settings
-        op = tune(self.spec, search, vecs, labels, s.target_recall, s.tune_k)
+        op = None
+        if len(held):
+            op = tune(self.spec, search, vecs, labels, held, s.target_recall, s.tune_k)
+            new.add_with_ids(np.ascontiguousarray(vecs[held]), labels[held])
         return self._place(self.spec, new, vecs, labels), op
 
     def _swap(self, new: Any, op: OperatingPoint | None) -> None:
