@@ -272,7 +272,7 @@ def main() -> None:
 
 def milvus(base, queries, gt, single: int, exact_batched: float | None) -> None:  # type: ignore[no-untyped-def]
     """Milvus Lite rows on the same vectors and queries, in the same table layout."""
-    from bench.milvus_lite import compare
+    from bench.milvus_side import compare
 
     for row in compare(base, queries, gt, recall, 0.95, K, single):
         speed = f"  {row['qpsB'] / exact_batched:5.1f}x exact batched" if exact_batched else ""

@@ -1,4 +1,5 @@
-"""Milvus Lite on the same vectors as bench/index.py, for its side-by-side table.
+"""Milvus Lite on the same vectors as bench/index.py, for its side-by-side table (named so
+that it does not shadow the milvus_lite package when bench/ is on sys.path).
 
 Optional: needs `pip install pymilvus milvus-lite` (not a project dependency). Milvus has no
 tuner, so each index type's search knob is swept and the smallest value reaching the target
@@ -19,8 +20,8 @@ _BATCH = 10_000
 # (Milvus index type, build params, search knob, values swept)
 TYPES: list[tuple[str, dict[str, int], str, list[int]]] = [
     ("FLAT", {}, "", [0]),
-    ("IVF_FLAT", {"nlist": 512}, "nprobe", [1, 2, 4, 8, 16, 32, 64]),
-    ("IVF_SQ8", {"nlist": 512}, "nprobe", [1, 2, 4, 8, 16, 32, 64]),
+    ("IVF_FLAT", {"nlist": 256}, "nprobe", [1, 2, 4, 8, 16, 32, 64]),
+    ("IVF_SQ8", {"nlist": 256}, "nprobe", [1, 2, 4, 8, 16, 32, 64]),
     ("HNSW", {"M": 32, "efConstruction": 128}, "ef", [16, 32, 64, 128, 256, 512]),
 ]
 
