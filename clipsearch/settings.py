@@ -32,6 +32,15 @@ class EncoderSettings(_Group):
         "dynamic quantisation of the linear layers (CPU only).",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+    concurrent_batches: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Batches one replica runs at once; 0 = auto (CPU: min(2, torch threads), "
+        "GPU: 1). A forward running alone gets every torch thread, concurrent ones share them, "
+        "so a busy neighbour process slows one single-threaded forward instead of stalling a "
+        "multi-threaded one at every OpenMP barrier.",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the model sees.")
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, le=1, description="How long a batch waits to fill before it runs."

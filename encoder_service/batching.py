@@ -12,7 +12,10 @@ On an idle model the first request still waits at most `wait_s` for company.
 
 One scheduler serves several named queues (text, images) over one model: when the model
 frees up, the queue whose oldest request has waited longest goes next, so neither modality
-starves the other.
+starves the other. With `max_concurrent` > 1 the model runs that many batches at once (on a
+CPU: one single-threaded forward per core, which a busy neighbour process slows only by the
+time it takes, where one multi-threaded forward stalls at every OpenMP barrier while any of
+its threads is descheduled); "free" then means "fewer than that many batches running".
 """
 
 from __future__ import annotations
@@ -45,11 +48,19 @@ class Batcher:
         max_batch_size: Most items in one batch (changeable with `set_limits`).
         wait_s: Longest time the oldest request waits for more to arrive while the model is
             idle (changeable with `set_limits`).
+        max_concurrent: Batches run at once.
     """
 
     def __init__(
-        self, run: Runner, queues: Sequence[str], max_batch_size: int, wait_s: float
+        self,
+        run: Runner,
+        queues: Sequence[str],
+        max_batch_size: int,
+        wait_s: float,
+        max_concurrent: int = 1,
     ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._run = run
         self._queues: dict[str, deque[_Pending[Any]]] = {name: deque() for name in queues}
         self._sizes: dict[str, Counter[int]] = {name: Counter() for name in queues}
@@ -57,6 +68,8 @@ class Batcher:
         self._wait_s = wait_s
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._running: set[asyncio.Task[None]] = set()
 
     def set_limits(self, max_batch_size: int, wait_s: float) -> None:
         """New limits; the batch being formed uses them from its next check."""
@@ -89,11 +102,24 @@ class Batcher:
         return self._task is None or not self._task.done()
 
     async def _loop(self) -> None:
-        while True:
-            queue = await self._next_queue()
-            batch = await self._collect(queue)
-            if batch:
-                await self._run_batch(queue, batch)
+        try:
+            while True:
+                await self._slots.acquire()
+                queue = await self._next_queue()
+                batch = await self._collect(queue)
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_batch(queue, batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+        finally:  # the scheduler is going away: so are the batches it started
+            for task in list(self._running):
+                task.cancel()
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _next_queue(self) -> str:
         """Wait for a request; the queue holding the oldest one goes next."""

@@ -15,6 +15,7 @@ Show callers `str(exc.cause)`: `.cause` is the original exception.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -116,21 +117,25 @@ class EncoderDeployment:
             (self._encoder.model_id, self._encoder.dtype, *map(str, self._encoder.scales))
         )
         self._decode_pool = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
-        # One forward at a time: concurrent text and image batches would only fight over
-        # the same intra-op threads (CPU) or stream (GPU).
         # torch's intra-op thread count is an OpenMP setting of the calling thread, and Ray
         # starts replicas with OMP_NUM_THREADS=num_cpus: the count set while loading does not
-        # reach a new thread, which would run every forward on one core. Set it there too.
-        self._model_pool = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="model",
-            initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
+        # reach a new thread, which would run every forward on one core. Each forward sets
+        # its own count (see _timed).
+        self._threads = torch.get_num_threads()
+        concurrent = encoder.concurrent_batches or (
+            1 if self._encoder.device != "cpu" else min(2, self._threads)
         )
+        self._model_pool = ThreadPoolExecutor(concurrent, thread_name_prefix="model")
+        self._active_forwards = 0
+        self._active_lock = threading.Lock()
         self._batcher = Batcher(
-            self._run_batch, ("text", "image"), encoder.max_batch_size, encoder.batch_wait_timeout_s
+            self._run_batch,
+            ("text", "image"),
+            encoder.max_batch_size,
+            encoder.batch_wait_timeout_s,
+            max_concurrent=concurrent,
         )
-        self._forward_started: float | None = None
+        self._forward_starts: dict[int, float] = {}  # model thread -> its forward's start
         self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
 
@@ -241,7 +246,7 @@ class EncoderDeployment:
 
     async def check_health(self) -> None:
         """Serve's periodic probe: fail when a forward hangs or a batch loop has died."""
-        started = self._forward_started
+        started = min(self._forward_starts.values(), default=None)
         if started is not None and time.monotonic() - started > FORWARD_STUCK_AFTER_S:
             raise RuntimeError(f"model forward running for over {FORWARD_STUCK_AFTER_S:.0f} s")
         if not self._batcher.alive():
@@ -259,13 +264,24 @@ class EncoderDeployment:
     def _timed(
         self, queue: str, forward: Callable[[Sequence[T]], np.ndarray], items: list[T]
     ) -> np.ndarray:
-        """Run a forward while recording its start, so check_health can spot a hang."""
-        started = self._forward_started = time.monotonic()
+        """Run a forward in a model thread, with its share of the torch threads, recording
+        its start so check_health can spot a hang.
+
+        A forward that runs alone gets every thread (lowest latency at low load); while
+        others run, a forward gets `threads // running` (at least 1), so concurrent batches
+        do not oversubscribe the cores.
+        """
+        with self._active_lock:
+            self._active_forwards += 1
+            torch.set_num_threads(max(1, self._threads // self._active_forwards))
+        started = self._forward_starts[threading.get_ident()] = time.monotonic()
         try:
             return forward(items)
         finally:
-            self._forward_started = None
-            self._forward_seconds[queue] += time.monotonic() - started
+            del self._forward_starts[threading.get_ident()]
+            with self._active_lock:
+                self._active_forwards -= 1
+                self._forward_seconds[queue] += time.monotonic() - started
 
     def _lookup_image(self, data: bytes) -> tuple[bytes, np.ndarray | ImageInput]:
         """The cache key and either the cached vector or the prepared pixels (in a worker)."""

@@ -144,3 +144,16 @@ async def test_waiters_fail_instead_of_hanging_when_the_scheduler_dies() -> None
     assert not batcher.alive()
     with pytest.raises(RuntimeError, match="stopped"):
         await batcher.submit("text", 2)
+
+
+async def test_two_batch_slots_run_two_batches_at_once_and_no_more() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("image",), max_batch_size=2, wait_s=0.0, max_concurrent=2)
+    callers = [asyncio.ensure_future(batcher.submit("image", i)) for i in range(6)]
+    await _until(lambda: len(model.batches) == 2)
+    await asyncio.sleep(0.01)
+    assert len(model.batches) == 2  # both slots busy: the third batch waits for one
+    assert batcher.depths() == {"image": 2}
+    model.gate.set()
+    assert await asyncio.gather(*callers) == [f"image:{i}" for i in range(6)]
+    assert sorted(len(items) for _, items in model.batches) == [2, 2, 2]
