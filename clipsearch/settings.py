@@ -31,7 +31,11 @@ class EncoderSettings(_Group):
         description="Inference precision: fp32; bf16 (CPU or GPU); fp16 (GPU only); int8 = "
         "dynamic quantisation of the linear layers (CPU only).",
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads per replica; 0 = the machine's cores / replicas.",
+    )
     concurrent_batches: int = Field(
         0,
         ge=0,

@@ -120,6 +120,7 @@ class Batcher:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slots.release()
+        self._arrived.set()  # a batch waiting to fill may now start
 
     async def _next_queue(self) -> str:
         """Wait for a request; the queue holding the oldest one goes next."""
@@ -132,13 +133,17 @@ class Batcher:
             await self._arrived.wait()
 
     async def _collect(self, name: str) -> list[_Pending[Any]]:
-        """Up to max_batch_size items of one queue, waiting only while it is not full and its
-        oldest item has waited less than wait_s."""
+        """Up to max_batch_size items of one queue. On an idle model, wait while the batch is
+        not full and its oldest item has waited less than wait_s; while another batch runs,
+        start this one only once it is full (or the other is done), so concurrent slots run
+        full batches instead of splitting the queue into small ones."""
         queue = self._queues[name]
         while queue and len(queue) < self._max_batch_size:
-            left = queue[0].arrived + self._wait_s - time.monotonic()
-            if left <= 0:
-                break
+            left: float | None = None
+            if not self._running:
+                left = queue[0].arrived + self._wait_s - time.monotonic()
+                if left <= 0:
+                    break
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)

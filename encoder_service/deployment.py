@@ -15,6 +15,7 @@ Show callers `str(exc.cause)`: `.cause` is the original exception.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,15 @@ REPLICA_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 _BATCH_KEYS = frozenset({"max_batch_size", "batch_wait_timeout_s"})
 
 T = TypeVar("T")
+
+
+def default_torch_threads(replicas: int) -> int:
+    """Intra-op threads when settings say 0: this machine's cores shared among the replicas.
+
+    Not torch's own default: inside a Ray worker that follows OMP_NUM_THREADS, which Ray sets
+    to the replica's `num_cpus` (1 by default), so every forward would run on one core.
+    """
+    return max(1, len(os.sched_getaffinity(0)) // max(1, replicas))
 
 
 def batch_config(encoder: EncoderSettings) -> dict[str, Any]:
@@ -87,6 +97,9 @@ def build_encoder_app(encoder: EncoderSettings, limits: LimitSettings) -> Applic
             "runtime_env": {"env_vars": dict(REPLICA_ENV_VARS)},
         },
         user_config=batch_config(encoder),
+        # The gateway writes one access-log line per RPC; a second line per item from every
+        # replica (formatted, written, shipped to the driver) costs CPU the model needs.
+        logging_config={"enable_access_log": False},
     )
     return deployment.bind(encoder, limits)
 
@@ -108,7 +121,7 @@ class EncoderDeployment:
             encoder.model,
             device=encoder.device,
             dtype=encoder.dtype,
-            torch_threads=encoder.torch_threads,
+            torch_threads=encoder.torch_threads or default_torch_threads(encoder.replicas),
             multiscale_sizes=encoder.multiscale_sizes,
         )
         self._cache = EmbeddingCache(encoder.cache_bytes)

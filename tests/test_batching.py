@@ -157,3 +157,18 @@ async def test_two_batch_slots_run_two_batches_at_once_and_no_more() -> None:
     model.gate.set()
     assert await asyncio.gather(*callers) == [f"image:{i}" for i in range(6)]
     assert sorted(len(items) for _, items in model.batches) == [2, 2, 2]
+
+
+async def test_a_second_slot_takes_only_a_full_batch_while_the_first_runs() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=0.0, max_concurrent=2)
+    first = asyncio.ensure_future(batcher.submit("text", 0))
+    await model.started.wait()
+    partial = [asyncio.ensure_future(batcher.submit("text", i)) for i in (1, 2)]
+    await asyncio.sleep(0.02)
+    assert len(model.batches) == 1  # 2 of 4 queued: no half-empty second batch
+    partial += [asyncio.ensure_future(batcher.submit("text", i)) for i in (3, 4)]
+    await _until(lambda: len(model.batches) == 2)
+    assert model.batches[1] == ("text", [1, 2, 3, 4])
+    model.gate.set()
+    await asyncio.gather(first, *partial)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -26,7 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import EncoderSettings, LimitSettings
 from clipsearch.types import EncoderStats, TextOptions
-from encoder_service.deployment import EncoderDeployment, _check_text, build_encoder_app
+from encoder_service.deployment import (
+    EncoderDeployment,
+    _check_text,
+    build_encoder_app,
+    default_torch_threads,
+)
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
 from tests.encoder_fixtures import make_tiny_clip
@@ -349,3 +355,9 @@ def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_
     assert got.replicas == 1
     assert sum(got.batch_sizes["text"].values()) >= 1
     assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}
+
+
+def test_default_torch_threads_share_the_cores_among_replicas() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert default_torch_threads(1) == cores  # not Ray's OMP_NUM_THREADS=num_cpus (1)
+    assert default_torch_threads(cores * 4) == 1
