@@ -1,14 +1,23 @@
 """The served search path vs the raw libraries, measured side by side in one run.
 
-Starts the embedded stack (Ray Serve encoder, shard actors, gateway on loopback), fills it
-with N random unit vectors, then times the same work three ways, one query at a time:
+Starts an embedded Ray runtime with the encoder deployment, then for each index factory its
+own shard actors and gateway on loopback, fills them with N random unit vectors, and times
+the same queries (one at a time, top_k 10) through every layer of the vector-search path:
 
-  vector search: gateway end to end (gRPC + fan-out to shards + merge)  vs  in-process
-                 faiss.IndexFlatIP.search on the same vectors and k
-  text search:   gateway end to end (encoder + search)  vs  the model's own forward pass
-                 (ClipEncoder.encode_texts, batch 1) + in-process Faiss
+  faiss        in-process Faiss: one index of the same factory over the same N vectors,
+               searched with the same nprobe / efSearch (the issue's baseline)
+  served       gateway end to end: gRPC client -> interceptor -> servicer -> coordinator ->
+               Ray actor call per shard -> Shard engine -> merge -> response
+  coordinator  the same search from inside the gateway's event loop, without gRPC
+  ray floor    a no-op call fanned out to the same shard actors (the bare Ray hop)
+  grpc floor   a no-op unary call to a bare grpc.aio server (the bare gRPC hop)
 
-Usage: PYTHONPATH=. python bench/search_path.py [--docs 20000] [--queries 200] [--model demo]
+and prints served - faiss (issue 4's target: <= 2 ms for IVF/HNSW). A last row times a
+text query end to end against the model's own forward pass + in-process Faiss. Run it as a
+module (bench/gateway.py would shadow the gateway package on a script's path).
+
+Usage: PYTHONPATH=. python -m bench.search_path [--docs 100000] [--queries 300]
+       [--factories 'Flat;IVF1024,Flat;HNSW32'] [--shards 2] [--model demo]
 """
 
 from __future__ import annotations
@@ -19,16 +28,40 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import faiss
+import grpc
 import numpy as np
 import ray
 
-from clipsearch.client import Client, Document
-from clipsearch.launcher import init_ray, start_stack
-from clipsearch.settings import load_settings
+from clipsearch.client import Client
+from clipsearch.launcher import ENCODER_APP, init_ray
+from clipsearch.settings import IndexSettings, Settings, load_settings
+from clipsearch.types import DocRecord, Modality, SearchParams
 from encoder_service.model import ClipEncoder, resolve_model
+from gateway.backends import RayEncoder, RayShard
+from gateway.coordinator import Coordinator, SearchQuery, UpsertItem
+from gateway.server import create_server, drain
+from index_service.actor import start_shards
+
+K = 10
+NPROBE = 16
+EF_SEARCH = 64
+
+
+@dataclass
+class Served:
+    """One factory's shards and gateway."""
+
+    factory: str
+    coordinator: Coordinator
+    actors: list[Any]
+    server: Any
+    health: Any
+    client: Client
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -45,18 +78,125 @@ def _time(fn: Callable[[int], object], n: int) -> list[float]:
     return out
 
 
-def _row(name: str, ours: list[float], raw: list[float]) -> str:
-    p50o, p50r = _p(ours, 50), _p(raw, 50)
-    return (
-        f"{name:<14} served p50 {p50o:7.2f} ms  p99 {_p(ours, 99):7.2f} ms | raw p50 "
-        f"{p50r:7.2f} ms | served - raw {p50o - p50r:6.2f} ms | ratio {p50o / p50r:5.2f}x"
+async def _time_async(fn: Callable[[int], Awaitable[object]], n: int) -> list[float]:
+    await fn(0)
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        await fn(i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _params(factory: str) -> SearchParams | None:
+    if factory.startswith("IVF"):
+        return SearchParams(nprobe=NPROBE)
+    if factory.startswith("HNSW"):
+        return SearchParams(ef_search=EF_SEARCH)
+    return None
+
+
+def _raw_index(factory: str, vecs: np.ndarray) -> Any:
+    """An in-process Faiss index of `factory` over `vecs`, set to the benchmark's params."""
+    index = faiss.index_factory(vecs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add(vecs)
+    if factory.startswith("IVF"):
+        faiss.extract_index_ivf(index).nprobe = NPROBE
+    if factory.startswith("HNSW"):
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", EF_SEARCH)
+    return index
+
+
+async def _serve(
+    settings: Settings, factory: str, shards: int, encoder: RayEncoder, vecs: np.ndarray, n: int
+) -> Served:
+    """Start `shards` actors of `factory` and a gateway over them; fill; wait for training."""
+    index = IndexSettings(factory=factory, shards=shards, snapshot_every=10**9)
+    data_dir = str(settings.data_dir / f"f{n}")
+    actors = await asyncio.to_thread(
+        start_shards, index, encoder.dim, data_dir, encoder.model_id, f"bench-{n}"
     )
+    coordinator = Coordinator(encoder, [RayShard(a, i) for i, a in enumerate(actors)])
+    gw_settings = settings.model_copy(update={"index": index})
+    server, port, health = await create_server(coordinator, gw_settings)
+    for s in range(0, len(vecs), 5000):
+        await coordinator.upsert(
+            [
+                UpsertItem(DocRecord(f"d{i}", 0.0, has_image=True), image_vector=vecs[i])
+                for i in range(s, min(s + 5000, len(vecs)))
+            ]
+        )
+    while not all(
+        i.active_type == i.configured_type and not i.rebuilding
+        for s in await coordinator.stats()
+        for i in s.indexes[:1]
+    ):
+        await asyncio.sleep(0.5)
+    client = Client(f"127.0.0.1:{port}", timeout=120)
+    return Served(factory, coordinator, actors, server, health, client)
+
+
+async def _bare_grpc() -> tuple[Any, int]:
+    """A grpc.aio server with one no-op unary method, /bench.Echo/Ping (bytes in and out)."""
+
+    async def ping(request: bytes, context: Any) -> bytes:
+        return b""
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(ping)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Ping": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _row(name: str, samples: list[float], raw_p50: float | None = None) -> str:
+    p50 = _p(samples, 50)
+    line = f"  {name:<12} p50 {p50:7.2f} ms  p99 {_p(samples, 99):7.2f} ms"
+    if raw_p50 is not None:
+        line += f"  | - faiss {p50 - raw_p50:6.2f} ms  ratio {p50 / raw_p50:5.2f}x"
+    return line
+
+
+def _measure(
+    served: Served, vecs: np.ndarray, queries: np.ndarray, n: int, run: Callable[..., Any]
+) -> list[str]:
+    """The table rows of one factory."""
+    params = _params(served.factory)
+    raw = _raw_index(served.factory, vecs)
+    raw_s = _time(lambda i: raw.search(queries[i : i + 1], K), n)
+    served_s = _time(
+        lambda i: served.client.search(vector=queries[i], top_k=K, search_params=params), n
+    )
+
+    async def coord(i: int) -> object:
+        q = SearchQuery(Modality.IMAGE, K, vector=queries[i], params=params)
+        return await served.coordinator.search(q)
+
+    async def ray_floor(i: int) -> object:
+        return await asyncio.gather(*(a.ready.remote() for a in served.actors))
+
+    coord_s = run(_time_async(coord, n))
+    floor_s = run(_time_async(ray_floor, n))
+    r = _p(raw_s, 50)
+    return [
+        f"{served.factory}:",
+        _row("faiss", raw_s),
+        _row("served", served_s, r),
+        _row("coordinator", coord_s, r),
+        _row("ray floor", floor_s),
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--docs", type=int, default=20_000)
-    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--docs", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--factories", default="Flat;IVF1024,Flat;HNSW32")
+    ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--model", default="demo")
     args = ap.parse_args()
     data_dir = tempfile.mkdtemp(prefix="csbench-")
@@ -66,40 +206,68 @@ def main() -> None:
     ray_temp = init_ray(settings)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    stack = asyncio.run_coroutine_threadsafe(start_stack(settings), loop).result(600)
-    client = Client(stack.address, timeout=120)
-    dim = client.stats().dimension
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((args.docs, dim)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    for s in range(0, args.docs, 256):
-        client.upsert(
-            Document(f"d{i}", image_vector=vecs[i]) for i in range(s, min(s + 256, args.docs))
-        )
-    raw_index = faiss.IndexFlatIP(dim)
-    raw_index.add(vecs)
-    queries = rng.standard_normal((args.queries + 1, dim)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    texts = [f"a photo of thing number {i}" for i in range(args.queries + 1)]
-    model = ClipEncoder(resolve_model(args.model))
 
-    served_vec = _time(lambda i: client.search(vector=queries[i], top_k=10), args.queries)
-    raw_vec = _time(lambda i: raw_index.search(queries[i : i + 1], 10), args.queries)
-    served_txt = _time(lambda i: client.search(texts[i], top_k=10), args.queries)
-    raw_txt = _time(lambda i: raw_index.search(model.encode_texts([texts[i]]), 10), args.queries)
+    def run(coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(1800)  # type: ignore[arg-type]
+
+    from ray import serve
+
+    from encoder_service.deployment import build_encoder_app
+
+    serve.start(proxy_location="Disabled")
+    app = build_encoder_app(settings.encoder, settings.limits)
+    handle = serve.run(app, name=ENCODER_APP, route_prefix=None)
+    info = handle.info.remote().result()
+    encoder = RayEncoder(handle, info["model_id"], info["dim"])
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((args.docs, encoder.dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = rng.standard_normal((args.queries + 1, encoder.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    echo, echo_port = run(_bare_grpc())
+    channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
+    ping = channel.unary_unary("/bench.Echo/Ping")
+    grpc_floor = _time(lambda i: ping(b"", timeout=10), args.queries)
 
     print(
-        f"{args.docs} docs x {dim} dims, {settings.index.shards} shards, model {args.model}, "
-        f"{args.queries} sequential queries, top_k 10"
+        f"{args.docs} docs x {encoder.dim} dims, {args.shards} shards, {args.queries} "
+        f"sequential queries, top_k {K}, nprobe {NPROBE}, efSearch {EF_SEARCH}"
     )
-    print(_row("vector search", served_vec, raw_vec))
-    print(_row("text search", served_txt, raw_txt))
-    client.close()
-    asyncio.run_coroutine_threadsafe(stack.stop(), loop).result(120)
+    print(_row("grpc floor", grpc_floor))
+    first: Served | None = None
+    for n, factory in enumerate(args.factories.split(";")):
+        served = run(_serve(settings, factory, args.shards, encoder, vecs, n))
+        for line in _measure(served, vecs, queries, args.queries, run):
+            print(line, flush=True)
+        if first is None:
+            first = served
+        else:
+            _stop(served, run)
+    assert first is not None
+    texts = [f"a photo of thing number {i}" for i in range(args.queries + 1)]
+    model = ClipEncoder(resolve_model(args.model))
+    raw = _raw_index(first.factory, vecs)
+    served_txt = _time(lambda i: first.client.search(texts[i], top_k=K), args.queries)
+    raw_txt = _time(lambda i: raw.search(model.encode_texts([texts[i]]), K), args.queries)
+    print(f"text search ({first.factory}, encoder + search):")
+    print(_row("model+faiss", raw_txt))
+    print(_row("served", served_txt, _p(raw_txt, 50)))
+    _stop(first, run)
+    channel.close()
+    run(echo.stop(0))
+    serve.shutdown()
     ray.shutdown()
     for path in (ray_temp, data_dir):
         if path:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop(served: Served, run: Callable[..., Any]) -> None:
+    served.client.close()
+    run(drain(served.server, served.health, 0))
+    for actor in served.actors:
+        ray.kill(actor)
 
 
 if __name__ == "__main__":
