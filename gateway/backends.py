@@ -58,6 +58,7 @@ class ShardBackend(Protocol):
         k: int,
         flt: SearchFilter | None,
         params: SearchParams | None = None,
+        deadline: float | None = None,
     ) -> ShardHits: ...
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int: ...
@@ -163,8 +164,9 @@ class RayShard:
         k: int,
         flt: SearchFilter | None,
         params: SearchParams | None = None,
+        deadline: float | None = None,
     ) -> ShardHits:
-        call = self._actor.search.remote(modality, query, k, flt, params)
+        call = self._actor.search.remote(modality, query, k, flt, params, deadline)
         return await call_remote(call, self._what)
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.errors import NotFound, Unavailable
+from clipsearch.errors import DeadlineExceeded, NotFound, Unavailable
 from clipsearch.types import (
     DocRecord,
     DocWrite,
@@ -48,6 +48,7 @@ class SearchQuery:
     allow_partial: bool = False
     text_options: TextOptions | None = None
     params: SearchParams | None = None
+    deadline: float | None = None  # the caller's, epoch seconds; shards refuse work past it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class Coordinator:
             bound = unseen_bound(answers)
             if is_exact(top, q.top_k, bound, q.alpha):
                 break
+            _check_deadline(q.deadline)  # never start another round the caller cannot use
             fetch *= _GROWTH
         t3 = time.perf_counter()
         timings = {
@@ -164,7 +166,7 @@ class Coordinator:
         self, q: SearchQuery, vector: np.ndarray, k: int
     ) -> tuple[list[ShardHits], set[int]]:
         """Every shard's answer; unavailable shards are skipped only if the query allows."""
-        calls = (s.search(q.target, vector, k, q.flt, q.params) for s in self.shards)
+        calls = (s.search(q.target, vector, k, q.flt, q.params, q.deadline) for s in self.shards)
         results = await asyncio.gather(*calls, return_exceptions=True)
         answers, missing = [], set()
         for shard_id, result in enumerate(results):
@@ -204,3 +206,9 @@ class Coordinator:
         encode: Callable[[list[Any]], Awaitable[np.ndarray]], inputs: list[Any]
     ) -> np.ndarray:
         return await encode(inputs) if inputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """Raise DeadlineExceeded once the caller's deadline (epoch seconds) has passed."""
+    if deadline is not None and time.time() >= deadline:
+        raise DeadlineExceeded("deadline exceeded while fetching more recency candidates")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -33,6 +34,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> search_pb2.SearchResponse:
         started = time.perf_counter()
         query = self._check.search_query(request)
+        remaining = context.time_remaining()
+        if remaining is not None:  # shards refuse work that starts after it
+            query = dataclasses.replace(query, deadline=time.time() + remaining)
         decode_ms = (time.perf_counter() - started) * 1000.0
         outcome = await self._coord.search(query)
         outcome.timings_ms["decode"] = decode_ms

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from clipsearch.errors import Unavailable
+from clipsearch.errors import DeadlineExceeded, Unavailable
 from clipsearch.settings import IndexSettings
 from clipsearch.types import (
     DocRecord,
@@ -69,6 +69,7 @@ class ShardActor:
         self._log_lock = threading.Lock()
         self._snapshotter = ThreadPoolExecutor(1, thread_name_prefix=f"snapshot-{shard_id}")
         self._pending: Future[None] | None = None
+        self.searches_skipped = 0  # searches whose caller's deadline passed before they ran
         self._log = ShardLog(self._dir, self._snapshot_seq)
         replayed = 0
         for op in self._log.replay(self._snapshot_seq):
@@ -116,8 +117,18 @@ class ShardActor:
         k: int,
         flt: SearchFilter | None,
         params: SearchParams | None = None,
+        deadline: float | None = None,
     ) -> ShardHits:
+        """The shard's top k; `deadline` (epoch seconds, the caller's) refuses work that
+        starts too late: `ray.cancel` cannot stop a call a sync actor already dequeued."""
+        if deadline is not None and time.time() >= deadline:
+            self.searches_skipped += 1
+            raise DeadlineExceeded("deadline exceeded before the shard search started")
         return self._shard.search(modality, query, k, flt, params)
+
+    def skipped(self) -> int:
+        """How many searches were refused because their deadline had passed (tests)."""
+        return self.searches_skipped
 
     def stats(self) -> ShardStats:
         return replace(

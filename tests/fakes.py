@@ -33,6 +33,7 @@ class LocalShard:
         k: int,
         flt: SearchFilter | None,
         params: SearchParams | None = None,
+        deadline: float | None = None,
     ) -> ShardHits:
         return self.shard.search(modality, query, k, flt, params)
 

@@ -4,17 +4,25 @@ and a call that ends early cancels the shard and encoder work it started."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from clipsearch.errors import DeadlineExceeded
+from clipsearch.settings import IndexSettings
+from clipsearch.types import DocRecord, Modality, ShardHits
 from clipsearch.v1 import search_pb2, search_pb2_grpc
 from gateway.backends import call_remote, cancel_remote
+from gateway.coordinator import Coordinator, SearchQuery
+from index_service.actor import ShardActor
 from index_service.shard import Shard
-from tests.fakes import LocalShard
+from tests.fakes import HashEncoder, LocalShard
 from tests.gateway_harness import DIM, code_of, gateway
 
 
@@ -137,3 +145,99 @@ async def test_every_search_response_carries_the_timing_breakdown() -> None:
         assert t.total_ms >= parts * 0.99
         assert resp.shards_answered == resp.shards_total == 2
     assert plain.timings.rerank_ms == 0 and decayed.timings.rerank_ms > 0
+
+
+class QueuedActorShard(LocalShard):
+    """A real ShardActor behind a one-thread queue, as in a sync Ray actor: a call it has
+    taken cannot be cancelled (shielded), so only the deadline it carries can stop it."""
+
+    def __init__(self, actor: ShardActor) -> None:
+        super().__init__(actor._shard)
+        self.actor = actor
+        self.pool = ThreadPoolExecutor(1)
+
+    async def search(self, *args: Any) -> Any:
+        future = self.pool.submit(self.actor.search, *args)
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+
+async def test_a_search_the_shard_takes_after_the_deadline_is_skipped(tmp_path: Path) -> None:
+    actor = ShardActor(0, DIM, IndexSettings(), str(tmp_path), "m")
+    shard = QueuedActorShard(actor)
+    busy = threading.Event()
+    shard.pool.submit(busy.wait, 30)  # the shard is slowed on purpose: its queue is held
+    try:
+        async with gateway(shards=[shard]) as (port, _):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = search_pb2_grpc.SearchServiceStub(channel)
+                started = time.monotonic()
+                code = await code_of(stub.Search(_request(), timeout=0.3))
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 5
+    finally:
+        busy.set()
+        shard.pool.shutdown(wait=True)
+        actor.close()
+    assert actor.skipped() == 1  # the queued search ran after the deadline and did nothing
+
+
+def test_the_shard_actor_refuses_an_expired_deadline_and_serves_a_live_one(
+    tmp_path: Path,
+) -> None:
+    actor = ShardActor(0, DIM, IndexSettings(), str(tmp_path), "m")
+    try:
+        query = np.ones(DIM, dtype=np.float32) / np.sqrt(DIM)
+        with pytest.raises(DeadlineExceeded):
+            actor.search(Modality.IMAGE, query, 1, None, None, time.time() - 1)
+        assert actor.skipped() == 1
+        hits = actor.search(Modality.IMAGE, query, 1, None, None, time.time() + 60)
+        assert hits.exhausted and actor.skipped() == 1
+    finally:
+        actor.close()
+
+
+class _NeverExact(LocalShard):
+    """Answers that never prove the decayed top-k exact, so recency keeps fetching."""
+
+    def __init__(self) -> None:
+        super().__init__(Shard(0, DIM))
+        self.rounds = 0
+        self.deadlines: list[float | None] = []
+
+    async def search(self, *args: Any) -> ShardHits:
+        self.rounds += 1
+        self.deadlines.append(args[5])
+        record = DocRecord(f"d{self.rounds}", 0.0, has_image=True)
+        return ShardHits(np.array([0.9], dtype=np.float32), (record,), exhausted=False)
+
+
+async def test_recency_rounds_stop_at_the_deadline_and_the_shards_get_it() -> None:
+    shard = _NeverExact()
+    coord = Coordinator(HashEncoder(DIM), [shard])
+    deadline = time.time() - 0.001  # passed by the time the first round answers
+    query = SearchQuery(
+        Modality.IMAGE, 2, vector=np.ones(DIM, np.float32), alpha=1.0, deadline=deadline
+    )
+    with pytest.raises(DeadlineExceeded):
+        await coord.search(query)
+    assert shard.rounds == 1 and shard.deadlines == [deadline]
+
+
+async def test_the_callers_deadline_reaches_the_shards() -> None:
+    shard = _NeverExact()
+    shard.search = _exhausted(shard)  # type: ignore[method-assign]
+    async with gateway(shards=[shard]) as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            before = time.time()
+            await stub.Search(_request(), timeout=30)
+    (deadline,) = shard.deadlines
+    assert deadline is not None and before + 25 < deadline <= time.time() + 30
+
+
+def _exhausted(shard: _NeverExact) -> Any:
+    async def search(*args: Any) -> ShardHits:
+        shard.deadlines.append(args[5])
+        return ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)
+
+    return search
