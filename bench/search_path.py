@@ -127,11 +127,14 @@ async def _serve(
                 for i in range(s, min(s + 5000, len(vecs)))
             ]
         )
+    give_up = time.monotonic() + 900  # a shard below its training floor never switches
     while not all(
         i.active_type == i.configured_type and not i.rebuilding
         for s in await coordinator.stats()
         for i in s.indexes[:1]
     ):
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"{factory} not trained after 900 s; use more --docs")
         await asyncio.sleep(0.5)
     client = Client(f"127.0.0.1:{port}", timeout=120)
     return Served(factory, coordinator, actors, server, health, client)
