@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --host with neither auth nor TLS",
     )
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any)")
+    serve.add_argument(
+        "--health-port", type=int, help="plaintext port serving only grpc.health.v1 (0 = any)"
+    )
     serve.add_argument("--json-logs", action="store_true", default=None, help="JSON log lines")
     serve.set_defaults(run=_serve)
     search = sub.add_parser("search", help="search a running server and print a table")
@@ -144,6 +147,7 @@ def _serve(args: argparse.Namespace) -> None:
         (("tls", "key_file"), args.tls_key),
         (("tls", "client_ca_file"), args.tls_client_ca),
         (("allow_insecure",), args.insecure),
+        (("health_port",), args.health_port),
         (("observability", "metrics_port"), args.metrics_port),
         (("observability", "json_logs"), args.json_logs),
     ):

@@ -228,6 +228,14 @@ class GatewaySettings(_Group):
         description="Allow binding a non-loopback host with neither auth nor TLS (refused "
         "otherwise).",
     )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="A second, plaintext port on `host` serving only grpc.health.v1, for "
+        "Kubernetes' gRPC probe (which cannot speak TLS or send a token). None = off, 0 = a "
+        "free port. It answers health checks and nothing else.",
+    )
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
     admission: AdmissionSettings = AdmissionSettings()

@@ -44,3 +44,13 @@ class Admission:
 
     def leave(self, method_class: str) -> None:
         self.in_flight[method_class] -= 1
+
+    def limit(self, method_class: str) -> int:
+        """The current bound of a class (0: unlimited)."""
+        return self._limits.get(method_class, 0)
+
+    def set_limit(self, method_class: str, limit: int) -> None:
+        """Change a class's bound at run time; calls already admitted keep their slots."""
+        if method_class not in self._limits or limit < 0:
+            raise ValueError(f"no admission class {method_class!r}, or a negative limit")
+        self._limits[method_class] = limit

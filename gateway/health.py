@@ -60,6 +60,9 @@ class HealthChecker:
         self.on_drain: list[Any] = []
         self.observability: Any = None  # set by create_server: metrics and their port
         self.server: Any = None  # set by create_server: the grpc.aio server
+        self.admission: Any = None  # set by create_server: the per-class in-flight bounds
+        self.health_server: Any = None  # the plaintext health-only server, when configured
+        self.health_port: int | None = None
 
     async def check_once(self) -> dict[str, bool]:
         """Run the canaries now and publish the statuses; returns {service: serving}."""
@@ -91,6 +94,9 @@ class HealthChecker:
             try:
                 self._metrics.observe_encoder_stats(
                     await asyncio.wait_for(self._coord.encoder.stats(), self._timeout_s)
+                )
+                await asyncio.wait_for(
+                    self._metrics.observe_encoder_queues(self._coord.encoder), self._timeout_s
                 )
             except Exception:
                 pass  # figures only; health does not depend on them

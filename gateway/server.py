@@ -73,10 +73,11 @@ async def create_server(
     credentials = tls.server_credentials(gw.tls)
     check_exposure(settings, authenticator is not None, credentials is not None)
     metrics = GatewayMetrics()
+    admission = Admission.from_settings(gw.admission)
     interceptor = ErrorInterceptor(
         gw.default_timeout_s,
         authenticator=authenticator,
-        admission=Admission.from_settings(gw.admission),
+        admission=admission,
         metrics=metrics,
         tracer=tracer_for(gw.observability.otlp_endpoint),
     )
@@ -131,7 +132,13 @@ async def create_server(
     obs = Observability(metrics)
     health.observability = obs
     health.server = server
+    health.admission = admission
     await server.start()
+    if gw.health_port is not None:
+        health.health_server, health.health_port = await _health_only_server(
+            servicer, gw.host, gw.health_port
+        )
+        log.info("plaintext health on %s:%d", gw.host, health.health_port)
     await health.check_once()
     health.start()
     o = gw.observability
@@ -140,6 +147,23 @@ async def create_server(
         health.on_drain.append(obs.metrics_server.shutdown)
         log.info("metrics on http://%s:%d/metrics", o.metrics_host, obs.metrics_port)
     return server, port, health
+
+
+async def _health_only_server(
+    servicer: health_aio.HealthServicer, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with grpc.health.v1 alone (the same statuses as the API port).
+
+    Kubernetes' gRPC probe can neither speak TLS nor send a token, so a TLS gateway offers it
+    this port; it serves no API method (anything else is UNIMPLEMENTED) and no reflection.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the health port {host}:{port}")
+    await server.start()
+    return server, bound
 
 
 async def serve_until_signal(server: grpc.aio.Server, health: Any, grace_s: float) -> None:
@@ -161,3 +185,6 @@ async def drain(server: grpc.aio.Server, health: Any, grace_s: float) -> None:
     then stop."""
     await health.enter_graceful_shutdown()
     await server.stop(grace_s)
+    health_server = getattr(health, "health_server", None)
+    if health_server is not None:  # NOT_SERVING until the API port is gone, then closed
+        await health_server.stop(0)

@@ -3,7 +3,8 @@
 With `gateway.tls.cert_file` and `key_file` the port speaks only TLS; with `client_ca_file`
 as well, a client must present a certificate signed by that CA (mTLS), or its handshake
 fails (the client sees UNAVAILABLE). Kubernetes' gRPC probe speaks plaintext only, so a
-TLS deployment probes health another way (see k8s/README.md).
+TLS deployment sets `gateway.health_port`: a second, plaintext port that serves
+grpc.health.v1 and nothing else (gateway/server.py).
 """
 
 from __future__ import annotations

@@ -275,3 +275,94 @@ def test_hostile_input(case: Case, stack: Any, channel: grpc.Channel) -> None:
     # and the server still answers a normal search correctly
     best = _search(stubs, vector=_vec(vecs[0]), top_k=1)
     assert [h.id for h in best.hits] == [SEED_IDS[0]]
+
+
+BEYOND = 1_000
+HELD = 4  # the read limit while the test runs: this many searches are held in flight
+
+
+def test_1000_calls_beyond_the_admission_limit(
+    stack: Any, channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `HELD` searches parked inside the real gateway (their shard call waits on a gate),
+    1,000 more are refused at once with RESOURCE_EXHAUSTED; the held ones then finish, the
+    server stays SERVING and the data is unchanged."""
+    import asyncio
+    import threading
+    import time
+
+    from gateway.logs import request_id_var
+
+    gw = stack.stack
+    admission = gw.health.admission
+    s = Stubs(
+        channel,
+        search_pb2_grpc.SearchServiceStub(channel),
+        encoder_pb2_grpc.EncoderServiceStub(channel),
+        admin_pb2_grpc.AdminServiceStub(channel),
+        0,
+    )
+    s.dim = s.admin.Stats(admin_pb2.StatsRequest(), timeout=60).dimension
+    vecs = unit_vectors(len(SEED_IDS), s.dim, 11)
+    seed = [
+        search_pb2.UpsertDocument(id=i, image_vector=_vec(v))
+        for i, v in zip(SEED_IDS, vecs, strict=True)
+    ]
+    s.search.Upsert(search_pb2.UpsertRequest(documents=seed), timeout=60)
+    before = _fingerprint(s)
+
+    gate = threading.Event()  # opened by the test thread; polled on the gateway's loop
+    parked = 0
+    shard = gw.coordinator.shards[0]
+    real_search = shard.search
+
+    async def gated_search(*args: Any) -> Any:
+        nonlocal parked
+        if (request_id_var.get() or "").startswith("held-"):  # not the health canary's calls
+            parked += 1
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        return await real_search(*args)
+
+    monkeypatch.setattr(shard, "search", gated_search)
+    old_limit = admission.limit("read")
+    admission.set_limit("read", HELD)
+    request = search_pb2.SearchRequest(vector=_vec(vecs[0]), top_k=1)
+    try:
+        held = [
+            s.search.Search.future(request, timeout=120, metadata=(("x-request-id", f"held-{i}"),))
+            for i in range(HELD)
+        ]
+        deadline = time.monotonic() + 60
+        while parked < HELD and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert parked == HELD and admission.in_flight["read"] == HELD
+        start = time.monotonic()
+        beyond = [s.search.Search.future(request, timeout=60) for _ in range(BEYOND)]
+        codes = [f.exception().code() if f.exception() else C.OK for f in beyond]  # type: ignore[union-attr]
+        refused_in = time.monotonic() - start
+        assert codes.count(C.RESOURCE_EXHAUSTED) == BEYOND, {c: codes.count(c) for c in set(codes)}
+        assert refused_in < 30, f"1,000 refusals took {refused_in:.1f} s"
+        assert not any(f.done() for f in held)  # still parked, untouched by the flood
+        refused = gw.health.observability.metrics.rejected.labels("read")._value.get()
+        assert refused >= BEYOND
+    finally:
+        gate.set()
+        admission.set_limit("read", old_limit)
+    assert [[h.id for h in f.result(timeout=60).hits] for f in held] == [[SEED_IDS[0]]] * HELD
+    assert admission.in_flight["read"] == 0
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "clipsearch.v1.SearchService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    assert _fingerprint(s) == before
+    # the encoder's queue depths reach the metrics through the Serve handle (once the
+    # deployment offers queue_depths; before that the gauge is simply absent)
+    from encoder_service.deployment import EncoderDeployment
+
+    stack.run(gw.health.check_once())
+    depth = gw.health.observability.metrics.registry.get_sample_value(
+        "clipsearch_encoder_queue_depth", {"queue": "text"}
+    )
+    deployment = getattr(EncoderDeployment, "func_or_class", EncoderDeployment)
+    assert (depth is not None) == hasattr(deployment, "queue_depths")
