@@ -8,9 +8,10 @@ turns an undecodable request into INVALID_ARGUMENT instead of grpc's UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -79,6 +80,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._admission = admission
         self._metrics = metrics
         self.draining = False
+        # method -> (the service's handler, our wrapped one): built once per method, not per
+        # call (the continuation hands back the same handler object every time)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -99,11 +103,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_ignore,
                 response_serializer=handler.response_serializer,
             )
-        return grpc.unary_unary_rpc_method_handler(
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(handler.unary_unary, details.method),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
         klass = method_class(method)
@@ -129,19 +138,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if self._admission is not None and klass != "open":
                     admitted = self._admission.enter(klass)
                     if self._metrics is not None and admitted:
-                        self._metrics.in_flight.labels(klass).inc()
+                        self._metrics.rpc_started(klass)
                 async with asyncio.timeout(self._timeout(context)):  # no task per call
                     response = await behavior(request, context)
                 if self._metrics is not None and hasattr(response, "timings"):
-                    t = response.timings
                     self._metrics.observe_stages(
-                        {f.name.removesuffix("_ms"): v for f, v in t.ListFields()}
+                        {_stage(f.name): v for f, v in response.timings.ListFields()}
                     )
                 return response
             except errors.ClipsearchError as exc:
                 code = status_of(exc)
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._metrics is not None:
-                    self._metrics.rejected.labels(klass).inc()
+                    self._metrics.rpc_rejected(klass)
                 await context.abort(code, str(exc))
             except TimeoutError:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -160,26 +168,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if admitted and self._admission is not None:
                     self._admission.leave(klass)
                     if self._metrics is not None:
-                        self._metrics.in_flight.labels(klass).dec()
+                        self._metrics.rpc_finished(klass)
                 seconds = time.perf_counter() - start
                 if span is not None:
                     span.set_attribute("rpc.grpc.status_code", code.name)
                     span.end()
                 if self._metrics is not None:
                     self._metrics.observe_rpc(method, code.name, seconds)
-                access_log.info(
-                    "rpc method=%s status=%s ms=%.2f request_id=%s",
-                    method,
-                    code.name,
-                    seconds * 1000.0,
-                    request_id,
-                    extra={
-                        "method": method,
-                        "status": code.name,
-                        "ms": round(seconds * 1000.0, 3),
-                        "request_id": request_id,
-                    },
-                )
+                if access_log.isEnabledFor(logging.INFO):  # skip building `extra` when off
+                    access_log.info(
+                        "rpc method=%s status=%s ms=%.2f request_id=%s",
+                        method,
+                        code.name,
+                        seconds * 1000.0,
+                        request_id,
+                        extra={
+                            "method": method,
+                            "status": code.name,
+                            "ms": round(seconds * 1000.0, 3),
+                            "request_id": request_id,
+                        },
+                    )
 
         return run
 
@@ -214,4 +223,10 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID
+
+
+@functools.cache
+def _stage(field_name: str) -> str:
+    """`encode_ms` -> `encode` (the stage label of a Timings field)."""
+    return field_name.removesuffix("_ms")

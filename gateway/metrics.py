@@ -7,9 +7,15 @@ Each gateway owns a registry (so tests can run several). Names:
 - `clipsearch_stage_seconds{stage}`: decode, encode, search (fan-out), merge, rerank, total
 - `clipsearch_shard_vectors{shard,modality}`, `clipsearch_shard_documents{shard}`,
   `clipsearch_shard_probe_seconds{shard}` (the health canary's latency per shard)
-- `clipsearch_encoder_probe_seconds`, `clipsearch_encoder_cache_hit_ratio`,
-  `clipsearch_encoder_batch_size` and `clipsearch_encoder_queue_depth` when the encoder's
-  stats report them
+- `clipsearch_encoder_probe_seconds`; `clipsearch_encoder{figure}`: every number in the
+  encoder's stats (cache hits and hit ratio, mean batch size per queue, ...)
+- `clipsearch_encoder_batches{queue,size}`: batches of each size the encoder has run
+- `clipsearch_encoder_queue_depth{queue}`: requests waiting for the model per queue (`text`,
+  `image`), when the encoder deployment offers `queue_depths()`
+
+Encoder figures are one replica's view (the one that answered), refreshed with health.
+Label children of the per-RPC metrics are cached: looking one up takes a lock and builds a
+tuple, which adds up at thousands of calls per second.
 """
 
 from __future__ import annotations
@@ -81,14 +87,44 @@ class GatewayMetrics:
         self.healthy = Gauge(
             "clipsearch_healthy", "1 when the service reports SERVING", ["service"], registry=r
         )
+        self.encoder_batches = Gauge(
+            "clipsearch_encoder_batches",
+            "Batches the encoder has run, by queue and batch size (one replica's view)",
+            ["queue", "size"],
+            registry=r,
+        )
+        self.encoder_queue_depth = Gauge(
+            "clipsearch_encoder_queue_depth",
+            "Requests waiting for the model, per encoder queue (one replica's view)",
+            ["queue"],
+            registry=r,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached (the event loop is the only writer)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def rpc_started(self, method_class: str) -> None:
+        self._child(self.in_flight, method_class).inc()
+
+    def rpc_finished(self, method_class: str) -> None:
+        self._child(self.in_flight, method_class).dec()
+
+    def rpc_rejected(self, method_class: str) -> None:
+        self._child(self.rejected, method_class).inc()
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpcs.labels(method, code).inc()
-        self.rpc_seconds.labels(method, code).observe(seconds)
+        self._child(self.rpcs, method, code).inc()
+        self._child(self.rpc_seconds, method, code).observe(seconds)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
-            self.stage_seconds.labels(stage).observe(ms / 1000.0)
+            self._child(self.stage_seconds, stage).observe(ms / 1000.0)
 
     def observe_shard_stats(self, stats: Any) -> None:
         shard = str(stats.shard)
@@ -111,12 +147,40 @@ class GatewayMetrics:
         if isinstance(hits, int) and isinstance(misses, int) and hits + misses > 0:
             self.encoder_stat.labels("cache_hit_ratio").set(hits / (hits + misses))
         for kind, sizes in (getattr(stats, "batch_sizes", None) or {}).items():
+            for size, n in sizes.items():
+                self.encoder_batches.labels(kind, str(size)).set(n)
             batches = sum(sizes.values())
             if batches:
                 mean = sum(size * n for size, n in sizes.items()) / batches
                 self.encoder_stat.labels(f"{kind}_mean_batch_size").set(mean)
 
+    async def observe_encoder_queues(self, encoder: Any) -> bool:
+        """Set the queue-depth gauge from the encoder; False when it cannot tell.
+
+        Asks the backend's `queue_depths()` if it has one, else the `queue_depths` method of
+        the Serve deployment behind it (older deployments lack it: then nothing is set).
+        """
+        try:
+            depths = await _queue_depths(encoder)
+        except Exception:  # a deployment without the method, or one that failed to answer
+            return False
+        if depths is None:
+            return False
+        for queue, n in depths.items():
+            self.encoder_queue_depth.labels(str(queue)).set(float(n))
+        return True
+
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the HTTP endpoint in a thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, int(server.server_port)
+
+
+async def _queue_depths(encoder: Any) -> dict[str, int] | None:
+    method = getattr(encoder, "queue_depths", None)
+    if method is not None:
+        return dict(await method())
+    handle = getattr(encoder, "_handle", None)  # RayEncoder's Serve DeploymentHandle
+    if handle is None:
+        return None
+    return dict(await handle.queue_depths.remote())
