@@ -172,6 +172,9 @@ async def _serve_until_signal(settings) -> None:  # type: ignore[no-untyped-def]
     ray_temp = init_ray(settings)
     stack = await start_stack(settings)
     stats = await stack.coordinator.stats()
+    from gateway.server import freeze_startup_heap
+
+    freeze_startup_heap()
     print(
         _HOW_TO_QUERY.format(
             address=stack.address,

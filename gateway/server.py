@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -164,6 +165,20 @@ async def _health_only_server(
         raise RuntimeError(f"cannot bind the health port {host}:{port}")
     await server.start()
     return server, bound
+
+
+def freeze_startup_heap() -> None:
+    """Move everything start-up allocated out of the garbage collector's sight.
+
+    A serving process holds hundreds of thousands of long-lived objects (grpc, Ray, numpy,
+    pydantic, the model's Python side); every full collection walks them all, a pause of tens
+    of milliseconds (measured: up to 91 ms with the bench gateway's 150,000 objects) that lands
+    on whichever calls are in flight. After `gc.freeze()` collections see only what serving
+    allocates. Call it once, when the server is up (a process that keeps starting servers,
+    like a test run, would keep their garbage forever).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_until_signal(server: grpc.aio.Server, health: Any, grace_s: float) -> None:
