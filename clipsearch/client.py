@@ -162,8 +162,8 @@ class Client:
         """Nearest documents to one query (text, image bytes or vector) in `target` space.
 
         `text_options` sets the prompt template and long-text strategy of a text query
-        (unset fields: the server's defaults). `search_params` sets nprobe / efSearch for
-        approximate indexes (0 fields: the shard's tuned operating point).
+        (unset fields: the server's defaults). `search_params` sets nprobe / efSearch / the
+        re-rank depth for approximate indexes (0 fields: the shard's tuned operating point).
         """
         req = search_pb2.SearchRequest(
             top_k=top_k, target=_TARGETS[target], allow_partial=allow_partial
@@ -173,6 +173,7 @@ class Client:
         if search_params is not None:
             req.search_params.nprobe = search_params.nprobe
             req.search_params.ef_search = search_params.ef_search
+            req.search_params.rerank_factor = search_params.rerank
         if text is not None:
             req.text = text
         if image is not None:

@@ -75,6 +75,13 @@ def test_params_and_index_stats_through_the_server(client: Client) -> None:
         client.search(vector=vecs[3], top_k=10, search_params=SearchParams(ef_search=3))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "search_params.ef_search" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:  # the client sends the re-rank depth too
+        client.search(vector=vecs[3], top_k=5, search_params=SearchParams(rerank=65))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "search_params.rerank_factor" in (err.value.details() or "")
+    assert (
+        client.search(vector=vecs[3], top_k=5, search_params=SearchParams(rerank=4)).ids[0] == "p3"
+    )
     stats = client.stats()
     for shard in stats.shards:
         assert [i.active_type for i in shard.indexes] == ["Flat", "Flat"]
