@@ -71,19 +71,24 @@ def test_settings_configmap_loads_and_fits_the_cluster(overlay, tmp_path: Path) 
     assert _one(objects, "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
 
 
-def test_gateway_probes_and_service_use_the_grpc_port(overlay, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_probes_use_the_health_port_and_service_the_grpc_port(
+    overlay, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     _, objects = overlay
     port = _settings(objects, tmp_path).gateway.port
+    health_port = _settings(objects, tmp_path).gateway.health_port
+    assert health_port and health_port != port  # plaintext probes hold with TLS on too
     gateway = _one(objects, "Deployment", "clipsearch-gateway")["spec"]["template"]["spec"]
     container = gateway["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+        assert container[probe]["grpc"]["port"] == health_port, probe
     assert {"name": "grpc", "containerPort": port} in container["ports"]
+    assert {"name": "health", "containerPort": health_port} in container["ports"]
     metrics = _settings(objects, tmp_path).gateway.observability.metrics_port
     assert {"name": "metrics", "containerPort": metrics} in container["ports"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     service = _one(objects, "Service", "clipsearch-gateway")
-    assert service["spec"]["ports"][0]["targetPort"] == "grpc"
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["grpc"]
     hpa = _one(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "clipsearch-gateway"
     assert (
