@@ -8,6 +8,7 @@ turns an undecodable request into INVALID_ARGUMENT instead of grpc's UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -23,6 +24,11 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator, method_class
 from gateway.logs import request_id_var
 from gateway.metrics import GatewayMetrics
+
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "clipsearch_deadline", default=None
+)
+"""The current call's effective deadline (epoch seconds): the client's, or the default."""
 
 log = logging.getLogger("clipsearch.gateway")
 access_log = logging.getLogger("clipsearch.access")
@@ -139,7 +145,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     admitted = self._admission.enter(klass)
                     if self._metrics is not None and admitted:
                         self._metrics.rpc_started(klass)
-                async with asyncio.timeout(self._timeout(context)):  # no task per call
+                timeout = self._timeout(context)
+                deadline_var.set(time.time() + timeout)
+                async with asyncio.timeout(timeout):  # no task per call
                     response = await behavior(request, context)
                 if self._metrics is not None and hasattr(response, "timings"):
                     self._metrics.observe_stages(

@@ -20,6 +20,7 @@ from clipsearch.v1 import (
 )
 from gateway import convert
 from gateway.coordinator import Coordinator
+from gateway.errors import deadline_var
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -34,9 +35,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> search_pb2.SearchResponse:
         started = time.perf_counter()
         query = self._check.search_query(request)
-        remaining = context.time_remaining()
-        if remaining is not None:  # shards refuse work that starts after it
-            query = dataclasses.replace(query, deadline=time.time() + remaining)
+        deadline = deadline_var.get()  # the client's, or the gateway's default
+        if deadline is not None:  # shards refuse work that starts after it
+            query = dataclasses.replace(query, deadline=deadline)
         decode_ms = (time.perf_counter() - started) * 1000.0
         outcome = await self._coord.search(query)
         outcome.timings_ms["decode"] = decode_ms

@@ -241,3 +241,15 @@ def _exhausted(shard: _NeverExact) -> Any:
         return ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)
 
     return search
+
+
+async def test_a_call_without_a_deadline_sends_the_default_one_to_the_shards() -> None:
+    shard = _NeverExact()
+    shard.search = _exhausted(shard)  # type: ignore[method-assign]
+    async with gateway(shards=[shard], default_timeout_s=7) as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            before = time.time()
+            await stub.Search(_request())  # no client deadline
+    (deadline,) = shard.deadlines
+    assert deadline is not None and before + 5 < deadline <= time.time() + 7
