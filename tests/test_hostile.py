@@ -236,12 +236,8 @@ def _fingerprint(s: Stubs) -> tuple[Any, ...]:
     )
 
 
-def test_there_are_at_least_40_cases() -> None:
-    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile_input(case: Case, stack: Any, channel: grpc.Channel) -> None:
+def _seeded(channel: grpc.Channel) -> tuple[Stubs, np.ndarray]:
+    """Stubs on `channel`, with the SEED_IDS documents (re)written; their vectors."""
     stubs = Stubs(
         channel,
         search_pb2_grpc.SearchServiceStub(channel),
@@ -256,6 +252,16 @@ def test_hostile_input(case: Case, stack: Any, channel: grpc.Channel) -> None:
         for i, v in zip(SEED_IDS, vecs, strict=True)
     ]
     stubs.search.Upsert(search_pb2.UpsertRequest(documents=seed), timeout=60)
+    return stubs, vecs
+
+
+def test_there_are_at_least_40_cases() -> None:
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input(case: Case, stack: Any, channel: grpc.Channel) -> None:
+    stubs, vecs = _seeded(channel)
     before = _fingerprint(stubs)
     try:
         case.call(stubs)
@@ -295,20 +301,7 @@ def test_1000_calls_beyond_the_admission_limit(
 
     gw = stack.stack
     admission = gw.health.admission
-    s = Stubs(
-        channel,
-        search_pb2_grpc.SearchServiceStub(channel),
-        encoder_pb2_grpc.EncoderServiceStub(channel),
-        admin_pb2_grpc.AdminServiceStub(channel),
-        0,
-    )
-    s.dim = s.admin.Stats(admin_pb2.StatsRequest(), timeout=60).dimension
-    vecs = unit_vectors(len(SEED_IDS), s.dim, 11)
-    seed = [
-        search_pb2.UpsertDocument(id=i, image_vector=_vec(v))
-        for i, v in zip(SEED_IDS, vecs, strict=True)
-    ]
-    s.search.Upsert(search_pb2.UpsertRequest(documents=seed), timeout=60)
+    s, vecs = _seeded(channel)
     before = _fingerprint(s)
 
     gate = threading.Event()  # opened by the test thread; polled on the gateway's loop
