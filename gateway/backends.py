@@ -28,6 +28,7 @@ from clipsearch.types import (
     ShardStats,
     TextOptions,
 )
+from index_service import wire
 
 T = TypeVar("T")
 log = logging.getLogger("clipsearch.gateway")
@@ -166,8 +167,9 @@ class RayShard:
         params: SearchParams | None = None,
         deadline: float | None = None,
     ) -> ShardHits:
-        call = self._actor.search.remote(modality, query, k, flt, params, deadline)
-        return await call_remote(call, self._what)
+        request = wire.pack_request(modality, query, k, flt, params, deadline)
+        reply = await call_remote(self._actor.search_packed.remote(request), self._what)
+        return wire.unpack_hits(reply)
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:
         return await call_remote(self._actor.upsert.remote(list(writes)), self._what)

@@ -38,6 +38,7 @@ from clipsearch.types import (
     ShardHits,
     ShardStats,
 )
+from index_service import wire
 from index_service.shard import Shard
 from index_service.snapshot import SnapshotStore
 from index_service.wal import DeleteOp, LogError, ShardLog, UpsertOp
@@ -125,6 +126,11 @@ class ShardActor:
             self.searches_skipped += 1
             raise DeadlineExceeded("deadline exceeded before the shard search started")
         return self._shard.search(modality, query, k, flt, params)
+
+    def search_packed(self, request: wire.SearchRequest) -> wire.SearchReply:
+        """`search` with its arguments and answer as plain tuples (see index_service.wire):
+        the form the gateway calls, cheaper to serialise."""
+        return wire.pack_hits(self.search(*wire.unpack_request(request)))
 
     def skipped(self) -> int:
         """How many searches were refused because their deadline had passed (tests)."""
