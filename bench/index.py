@@ -11,7 +11,7 @@ under /tmp with its exact ground truth, plus a difficulty check (IVF nprobe=1 re
 Usage:
   PYTHONPATH=. python bench/index.py [--n 1000000] [--dim 512] \
       [--types 'Flat;IVF1024,Flat;HNSW32'] [--shards-check 'Flat;IVF1024,Flat'] \
-      [--ef-construction 128] [--milvus 200000]
+      [--ef-construction 0] [--milvus 200000]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from clipsearch.settings import IndexSettings
 from clipsearch.types import SearchParams
 from index_service.factory import Family, IndexSpec, build_index, index_bytes, per_shard_factory
 from index_service.router import shard_of
@@ -224,7 +225,12 @@ def main() -> None:
     ap.add_argument(
         "--shards-check", default="", help="types (';'-separated) also run as 4 shards vs 1"
     )
-    ap.add_argument("--ef-construction", type=int, default=0, help="HNSW; 0 = Faiss's 40")
+    ap.add_argument(
+        "--ef-construction",
+        type=int,
+        default=IndexSettings().hnsw_ef_construction,
+        help="HNSW; default: the server's; 0 = Faiss's 40",
+    )
     ap.add_argument(
         "--milvus", type=int, default=0, help="also Milvus Lite, on the first N vectors (ours too)"
     )

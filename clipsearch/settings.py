@@ -114,12 +114,12 @@ class IndexSettings(_Group):
     )
     tune_k: int = Field(10, ge=1, le=1000, description="k at which the tuner measures recall.")
     hnsw_ef_construction: int = Field(
-        0,
+        128,
         ge=0,
         le=4096,
         description="HNSW candidate list while linking new vectors; 0 = Faiss's default (40). "
-        "Higher builds slower and a better graph (at 1M clustered 512-d vectors, 40 tops out "
-        "below recall@10 0.9 whatever efSearch).",
+        "Higher builds slower and a better graph: at 1M clustered 512-d vectors, 40 tops out "
+        "at recall@10 0.875 whatever efSearch, 128 reaches 0.979 (build 2.5x longer).",
     )
     snapshot_every: int = Field(
         10_000, ge=1, description="Log records after which a shard writes a new snapshot."
