@@ -28,6 +28,7 @@ from clipsearch.types import (
     ShardStats,
     TextOptions,
 )
+from gateway.coalesce import Coalescer
 from index_service import wire
 
 T = TypeVar("T")
@@ -152,11 +153,15 @@ class RayEncoder:
 
 
 class RayShard:
-    """A `ShardActor` behind its ActorHandle."""
+    """A `ShardActor` behind its ActorHandle; concurrent searches share actor calls (see
+    gateway.coalesce)."""
 
     def __init__(self, actor: Any, shard_id: int) -> None:
         self._actor = actor
         self._what = f"shard {shard_id}"
+        self.searches: Coalescer[wire.SearchRequest, wire.SearchReply] = Coalescer(
+            self._search_one, self._search_many
+        )
 
     async def search(
         self,
@@ -168,8 +173,15 @@ class RayShard:
         deadline: float | None = None,
     ) -> ShardHits:
         request = wire.pack_request(modality, query, k, flt, params, deadline)
-        reply = await call_remote(self._actor.search_packed.remote(request), self._what)
-        return wire.unpack_hits(reply)
+        return wire.unpack_hits(await self.searches.call(request))
+
+    async def _search_one(self, request: wire.SearchRequest) -> wire.SearchReply:
+        return await call_remote(self._actor.search_packed.remote(request), self._what)
+
+    async def _search_many(
+        self, requests: list[wire.SearchRequest]
+    ) -> list[wire.SearchReply | BaseException]:
+        return list(await call_remote(self._actor.search_many.remote(requests), self._what))
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:
         return await call_remote(self._actor.upsert.remote(list(writes)), self._what)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from clipsearch.errors import DeadlineExceeded, Unavailable
+from clipsearch.errors import ClipsearchError, DeadlineExceeded, Unavailable
 from clipsearch.settings import IndexSettings
 from clipsearch.types import (
     DocRecord,
@@ -131,6 +131,19 @@ class ShardActor:
         """`search` with its arguments and answer as plain tuples (see index_service.wire):
         the form the gateway calls, cheaper to serialise."""
         return wire.pack_hits(self.search(*wire.unpack_request(request)))
+
+    def search_many(
+        self, requests: Sequence[wire.SearchRequest]
+    ) -> list[wire.SearchReply | ClipsearchError]:
+        """Several packed searches in one call (the gateway coalesces concurrent ones); an
+        item refused on its own (its deadline passed) is answered with its error."""
+        answers: list[wire.SearchReply | ClipsearchError] = []
+        for request in requests:
+            try:
+                answers.append(self.search_packed(request))
+            except ClipsearchError as exc:
+                answers.append(exc)
+        return answers
 
     def skipped(self) -> int:
         """How many searches were refused because their deadline had passed (tests)."""

@@ -1,0 +1,83 @@
+"""Concurrent searches over real shard actors: coalesced into shared actor calls, and every
+caller still gets exactly the answer it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.client import Client, Document
+from clipsearch.errors import DeadlineExceeded
+from clipsearch.settings import IndexSettings
+from clipsearch.types import Modality, SearchFilter
+from gateway.coordinator import SearchQuery
+from index_service import wire
+from index_service.actor import ShardActor
+from tests.conftest import RunningStack
+from tests.fakes import unit_vectors
+
+
+def _queries(dim: int) -> list[SearchQuery]:
+    vecs = unit_vectors(40, dim, seed=11)
+    queries = []
+    for i, v in enumerate(vecs):
+        flt = SearchFilter((("group", str(i % 3)),)) if i % 4 == 0 else None
+        alpha = 0.5 if i % 5 == 0 else 0.0
+        queries.append(
+            SearchQuery(Modality.IMAGE, 5, vector=v, flt=flt, alpha=alpha, reference_time=1e6)
+        )
+    return queries
+
+
+def _ids_and_scores(outcome: object) -> list[tuple[str, float]]:
+    return [(h.record.id, round(h.score, 6)) for h in outcome.hits]  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_concurrent_searches_share_actor_calls_and_answer_as_if_alone(
+    stack: RunningStack, client: Client
+) -> None:
+    coordinator = stack.stack.coordinator  # type: ignore[attr-defined]
+    dim = coordinator.encoder.dim
+    vecs = unit_vectors(250, dim, seed=5)
+    client.upsert(
+        Document(f"d{i}", image_vector=v, metadata={"group": str(i % 3)}, publish_time=i * 3600.0)
+        for i, v in enumerate(vecs)
+    )
+    queries = _queries(dim)
+
+    async def alone() -> list[object]:
+        return [await coordinator.search(q) for q in queries]
+
+    async def together() -> list[object]:
+        return list(await asyncio.gather(*(coordinator.search(q) for q in queries)))
+
+    expected = [_ids_and_scores(o) for o in stack.run(alone())]  # type: ignore[union-attr]
+    before = [dict(s.searches.batches) for s in coordinator.shards]
+    got = [_ids_and_scores(o) for o in stack.run(together())]  # type: ignore[union-attr]
+    assert got == expected
+    assert all(len(hits) == 5 for hits in got)
+    batched = [
+        sum(n * c for n, c in s.searches.batches.items()) - sum(n * c for n, c in b.items())
+        for s, b in zip(coordinator.shards, before, strict=True)
+    ]
+    assert all(b > 0 for b in batched)  # searches travelled together, not one call each
+
+
+def test_a_batched_item_past_its_deadline_is_refused_alone(tmp_path: Path) -> None:
+    dim = 8
+    actor = ShardActor(0, dim, IndexSettings(), str(tmp_path), "m")
+    try:
+        q = np.ones(dim, dtype=np.float32) / np.sqrt(dim)
+        late = wire.pack_request(Modality.IMAGE, q, 1, None, None, time.time() - 1)
+        live = wire.pack_request(Modality.IMAGE, q, 1, None, None, time.time() + 60)
+        answers = actor.search_many([live, late, live])
+        assert isinstance(answers[1], DeadlineExceeded)
+        assert all(wire.unpack_hits(a).exhausted for a in (answers[0], answers[2]))  # type: ignore[arg-type]
+        assert actor.skipped() == 1
+    finally:
+        actor.close()
