@@ -11,6 +11,8 @@ the same queries (one at a time, top_k 10) through every layer of the vector-sea
   coordinator  the same search from inside the gateway's event loop, without gRPC
   ray floor    a no-op call fanned out to the same shard actors (the bare Ray hop)
   grpc floor   a no-op unary call to a bare grpc.aio server (the bare gRPC hop)
+  x16 callers  coordinator QPS with 16 concurrent callers, shard calls coalesced (the
+               default: concurrent searches share an actor call) vs one call per search
 
 and prints served - faiss (issue 4's target: <= 2 ms for IVF/HNSW). A last row times a
 text query end to end against the model's own forward pass + in-process Faiss. Run it as a
@@ -50,6 +52,9 @@ from index_service.actor import start_shards
 K = 10
 NPROBE = 16
 EF_SEARCH = 64
+CONCURRENCY = 16  # callers in the throughput row
+SECONDS = 2.0  # per throughput round
+ROUNDS = 3
 
 
 @dataclass
@@ -191,7 +196,47 @@ def _measure(
         _row("served", served_s, r),
         _row("coordinator", coord_s, r),
         _row("ray floor", floor_s),
+        _throughput_row(served, lambda i: coord(i % n), run),
     ]
+
+
+def _throughput_row(
+    served: Served, coord: Callable[[int], Awaitable[object]], run: Callable[..., Any]
+) -> str:
+    """Coordinator QPS at CONCURRENCY callers: shard calls coalesced (the default) vs every
+    search its own actor call per shard, alternated rounds, medians."""
+    shards = served.coordinator.shards
+    default = shards[0].searches.max_in_flight  # type: ignore[attr-defined]
+    rates: dict[str, list[float]] = {"coalesced": [], "one call each": []}
+    for _ in range(ROUNDS):
+        for name, in_flight in (("coalesced", default), ("one call each", 10**9)):
+            for shard in shards:
+                shard.searches.max_in_flight = in_flight  # type: ignore[attr-defined]
+            rates[name].append(run(_qps(coord, CONCURRENCY, SECONDS)))
+    for shard in shards:
+        shard.searches.max_in_flight = default  # type: ignore[attr-defined]
+    a, b = (float(np.median(v)) for v in rates.values())
+    return (
+        f"  x{CONCURRENCY} callers  coalesced {a:6.0f} QPS  one call each {b:6.0f} QPS"
+        f"  | ratio {a / b:4.2f}x"
+    )
+
+
+async def _qps(fn: Callable[[int], Awaitable[object]], callers: int, seconds: float) -> float:
+    stop = time.perf_counter() + seconds
+    done = 0
+
+    async def caller(start: int) -> None:
+        nonlocal done
+        i = start
+        while time.perf_counter() < stop:
+            await fn(i)
+            done += 1
+            i += callers
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+    return done / (time.perf_counter() - started)
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ class Coalescer(Generic[Req, Rep]):
         max_in_flight: calls outstanding at once (2 keeps a serial worker busy while the
             next batch travels).
         max_batch: most requests in one batched call.
+
+    Both limits may be changed at run time (a very large `max_in_flight` sends every call
+    alone: the benchmark's baseline).
     """
 
     def __init__(
@@ -47,8 +50,8 @@ class Coalescer(Generic[Req, Rep]):
             raise ValueError("max_in_flight and max_batch must be >= 1")
         self._send_one = send_one
         self._send_many = send_many
-        self._max_in_flight = max_in_flight
-        self._max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self._in_flight = 0
         self._waiting: list[tuple[Req, asyncio.Future[Rep]]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # batched calls running (kept referenced)
@@ -56,7 +59,7 @@ class Coalescer(Generic[Req, Rep]):
 
     async def call(self, request: Req) -> Rep:
         """The answer to `request`, sent alone or with others."""
-        if self._in_flight < self._max_in_flight and not self._waiting:
+        if self._in_flight < self.max_in_flight and not self._waiting:
             self._in_flight += 1
             try:
                 return await self._send_one(request)
@@ -73,9 +76,9 @@ class Coalescer(Generic[Req, Rep]):
     def _done(self) -> None:
         """A call returned: its slot goes to the requests waiting, as batches."""
         self._in_flight -= 1
-        while self._waiting and self._in_flight < self._max_in_flight:
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
+        while self._waiting and self._in_flight < self.max_in_flight:
+            batch = self._waiting[: self.max_batch]
+            del self._waiting[: self.max_batch]
             self._in_flight += 1
             task = asyncio.ensure_future(self._send_batch(batch))
             self._tasks.add(task)
