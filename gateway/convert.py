@@ -28,6 +28,7 @@ from clipsearch.types import (
 )
 from clipsearch.v1 import admin_pb2, common_pb2, search_pb2
 from gateway.coordinator import SearchOutcome, SearchQuery, UpsertItem
+from gateway.ranking import RankedHit
 
 _LONG_TEXT: dict[int, LongTextStrategy | None] = {
     common_pb2.LONG_TEXT_UNSPECIFIED: None,
@@ -305,20 +306,35 @@ def document(record: DocRecord) -> common_pb2.Document:
     )
 
 
+def _set_posix(ts: Timestamp, seconds: float) -> None:
+    """Fill `ts` in place from POSIX seconds (same rounding as `to_timestamp`)."""
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos == 1_000_000_000:  # rounding reached the next second
+        whole, nanos = whole + 1, 0
+    ts.seconds = whole
+    if nanos:
+        ts.nanos = nanos
+
+
+def _hit(h: RankedHit) -> search_pb2.Hit:
+    """One ranked hit as a Hit; the Timestamp is filled in place (no temporary message)."""
+    record = h.record
+    hit = search_pb2.Hit(
+        id=record.id,
+        similarity=h.similarity,
+        decay=h.decay,
+        score=h.score,
+        metadata=dict(record.metadata),
+        caption=record.caption,
+    )
+    _set_posix(hit.publish_time, record.publish_time)
+    return hit
+
+
 def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.SearchResponse:
     """A SearchOutcome as the SearchResponse of query `q`."""
-    hits = [
-        search_pb2.Hit(
-            id=h.record.id,
-            similarity=h.similarity,
-            decay=h.decay,
-            score=h.score,
-            publish_time=timestamp(h.record.publish_time),
-            metadata=dict(h.record.metadata),
-            caption=h.record.caption,
-        )
-        for h in outcome.hits
-    ]
+    hits = [_hit(h) for h in outcome.hits]
     t = outcome.timings_ms
     return search_pb2.SearchResponse(
         hits=hits,
