@@ -241,11 +241,17 @@ def to_timestamp(value: TimeLike) -> Timestamp:
         if isinstance(value, datetime)
         else float(value)
     )
+    whole, nanos = posix_parts(seconds)
+    return Timestamp(seconds=whole, nanos=nanos)
+
+
+def posix_parts(seconds: float) -> tuple[int, int]:
+    """POSIX seconds as a Timestamp's (seconds, nanos), rounded to the nearest nanosecond."""
     whole = math.floor(seconds)
     nanos = round((seconds - whole) * 1e9)
     if nanos == 1_000_000_000:  # rounding reached the next second
         whole, nanos = whole + 1, 0
-    return Timestamp(seconds=int(whole), nanos=int(nanos))
+    return int(whole), int(nanos)
 
 
 def to_text_options(options: TextOptions) -> common_pb2.TextOptions:

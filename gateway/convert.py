@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipsearch.client import posix_parts
 from clipsearch.client import to_timestamp as timestamp
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import LimitSettings
@@ -308,10 +309,7 @@ def document(record: DocRecord) -> common_pb2.Document:
 
 def _set_posix(ts: Timestamp, seconds: float) -> None:
     """Fill `ts` in place from POSIX seconds (same rounding as `to_timestamp`)."""
-    whole = math.floor(seconds)
-    nanos = round((seconds - whole) * 1e9)
-    if nanos == 1_000_000_000:  # rounding reached the next second
-        whole, nanos = whole + 1, 0
+    whole, nanos = posix_parts(seconds)
     ts.seconds = whole
     if nanos:
         ts.nanos = nanos
