@@ -7,8 +7,11 @@ the same queries (one at a time, top_k 10) through every layer of the vector-sea
   faiss        in-process Faiss: one index of the same factory over the same N vectors,
                searched with the same nprobe / efSearch (the issue's baseline)
   served       gateway end to end: gRPC client -> interceptor -> servicer -> coordinator ->
-               Ray actor call per shard -> Shard engine -> merge -> response
+               direct search channel per shard (index_service.channel) -> Shard engine ->
+               merge -> response
+  served/ray   the same with every shard search a Ray actor call (`use_channel` off)
   coordinator  the same search from inside the gateway's event loop, without gRPC
+  coord/ray    the same with Ray actor calls
   ray floor    a no-op call fanned out to the same shard actors (the bare Ray hop)
   grpc floor   a no-op unary call to a bare grpc.aio server (the bare gRPC hop)
   x16 callers  coordinator QPS with 16 concurrent callers, shard calls coalesced (the
@@ -122,7 +125,10 @@ async def _serve(
     actors = await asyncio.to_thread(
         start_shards, index, encoder.dim, data_dir, encoder.model_id, f"bench-{n}"
     )
-    coordinator = Coordinator(encoder, [RayShard(a, i) for i, a in enumerate(actors)])
+    shards = [RayShard(a, i) for i, a in enumerate(actors)]
+    if not all(await asyncio.gather(*(s.connect() for s in shards))):
+        print(f"  ({factory}: no direct search channel; every search is an actor call)")
+    coordinator = Coordinator(encoder, shards)
     gw_settings = settings.model_copy(update={"index": index})
     server, port, health = await create_server(coordinator, gw_settings)
     for s in range(0, len(vecs), 5000):
@@ -188,16 +194,29 @@ def _measure(
         return await asyncio.gather(*(a.ready.remote() for a in served.actors))
 
     coord_s = run(_time_async(coord, n))
+    _use_channel(served, False)
+    served_ray_s = _time(
+        lambda i: served.client.search(vector=queries[i], top_k=K, search_params=params), n
+    )
+    coord_ray_s = run(_time_async(coord, n))
+    _use_channel(served, True)
     floor_s = run(_time_async(ray_floor, n))
     r = _p(raw_s, 50)
     return [
         f"{served.factory}:",
         _row("faiss", raw_s),
         _row("served", served_s, r),
+        _row("served/ray", served_ray_s, r),
         _row("coordinator", coord_s, r),
+        _row("coord/ray", coord_ray_s, r),
         _row("ray floor", floor_s),
         _throughput_row(served, lambda i: coord(i % n), run),
     ]
+
+
+def _use_channel(served: Served, on: bool) -> None:
+    for shard in served.coordinator.shards:
+        shard.use_channel = on  # type: ignore[attr-defined]
 
 
 def _throughput_row(

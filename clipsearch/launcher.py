@@ -111,10 +111,9 @@ async def start_stack(settings: Settings) -> Stack:
         info["model_id"],
         SHARD_PREFIX,
     )
-    coordinator = Coordinator(
-        RayEncoder(handle, info["model_id"], info["dim"]),
-        [RayShard(a, i) for i, a in enumerate(actors)],
-    )
+    shards = [RayShard(a, i) for i, a in enumerate(actors)]
+    await asyncio.gather(*(s.connect() for s in shards))
+    coordinator = Coordinator(RayEncoder(handle, info["model_id"], info["dim"]), shards)
     server, port, health = await create_server(coordinator, settings)
     stack = Stack(settings, port, server, health, coordinator, actors)
     stored = sum(s.documents for s in await coordinator.stats())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +31,7 @@ from clipsearch.types import (
 )
 from gateway.coalesce import Coalescer
 from index_service import wire
+from index_service.channel import ChannelClient
 
 T = TypeVar("T")
 log = logging.getLogger("clipsearch.gateway")
@@ -153,8 +155,11 @@ class RayEncoder:
 
 
 class RayShard:
-    """A `ShardActor` behind its ActorHandle; concurrent searches share actor calls (see
-    gateway.coalesce)."""
+    """A `ShardActor` behind its ActorHandle. Searches go over the shard's direct channel
+    when it runs on this node (see index_service.channel), else as actor calls; concurrent
+    searches share calls either way (see gateway.coalesce)."""
+
+    RECONNECT_S = 1.0  # least time between attempts to (re)open the search channel
 
     def __init__(self, actor: Any, shard_id: int) -> None:
         self._actor = actor
@@ -162,6 +167,11 @@ class RayShard:
         self.searches: Coalescer[wire.SearchRequest, wire.SearchReply] = Coalescer(
             self._search_one, self._search_many
         )
+        self._channel: ChannelClient | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._next_attempt = 0.0
+        self.channel_calls = 0  # calls that went over the channel (observability, tests)
+        self.use_channel = True  # False: actor calls only (the benchmark's baseline)
 
     async def search(
         self,
@@ -175,13 +185,61 @@ class RayShard:
         request = wire.pack_request(modality, query, k, flt, params, deadline)
         return wire.unpack_hits(await self.searches.call(request))
 
+    async def connect(self) -> bool:
+        """Open the search channel now (else the first searches open it in the background);
+        True if searches will use it."""
+        if self._channel is None or self._channel.closed:
+            self._next_attempt = time.monotonic() + self.RECONNECT_S
+            try:
+                await self._open_channel()
+            except (ClipsearchError, OSError):
+                log.warning("%s: search channel not opened; using actor calls", self._what)
+        return self._channel is not None and not self._channel.closed
+
     async def _search_one(self, request: wire.SearchRequest) -> wire.SearchReply:
-        return await call_remote(self._actor.search_packed.remote(request), self._what)
+        channel = self._usable_channel()
+        if channel is None:
+            return await call_remote(self._actor.search_packed.remote(request), self._what)
+        self.channel_calls += 1
+        (answer,) = await channel.call([request])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
 
     async def _search_many(
         self, requests: list[wire.SearchRequest]
     ) -> list[wire.SearchReply | BaseException]:
-        return list(await call_remote(self._actor.search_many.remote(requests), self._what))
+        channel = self._usable_channel()
+        if channel is None:
+            return list(await call_remote(self._actor.search_many.remote(requests), self._what))
+        self.channel_calls += 1
+        return await channel.call(requests)
+
+    def _usable_channel(self) -> ChannelClient | None:
+        """The open channel, or None (then start opening one, at most once a second)."""
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel if self.use_channel else None
+        now = time.monotonic()
+        if self._connecting is None and now >= self._next_attempt:
+            self._next_attempt = now + self.RECONNECT_S
+            self._connecting = asyncio.ensure_future(self._open_channel())
+            self._connecting.add_done_callback(self._opened)
+        return None
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%s: search channel not opened", self._what, exc_info=task.exception())
+
+    async def _open_channel(self) -> None:
+        address = await call_remote(self._actor.search_channel.remote(), self._what)
+        if address is None or address[0] != ray.get_runtime_context().get_node_id():
+            self._channel = None  # off, or the shard runs on another node: actor calls
+            return
+        old, self._channel = self._channel, await ChannelClient.connect(address[1], self._what)
+        if old is not None:
+            old.close()
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int:
         return await call_remote(self._actor.upsert.remote(list(writes)), self._what)

@@ -38,7 +38,7 @@ from clipsearch.types import (
     ShardHits,
     ShardStats,
 )
-from index_service import wire
+from index_service import channel, wire
 from index_service.shard import Shard
 from index_service.snapshot import SnapshotStore
 from index_service.wal import DeleteOp, LogError, ShardLog, UpsertOp
@@ -71,6 +71,7 @@ class ShardActor:
         self._snapshotter = ThreadPoolExecutor(1, thread_name_prefix=f"snapshot-{shard_id}")
         self._pending: Future[None] | None = None
         self.searches_skipped = 0  # searches whose caller's deadline passed before they ran
+        self._channel: channel.ChannelServer | None = None
         self._log = ShardLog(self._dir, self._snapshot_seq)
         replayed = 0
         for op in self._log.replay(self._snapshot_seq):
@@ -82,6 +83,8 @@ class ShardActor:
             self._snapshot_seq,
             replayed,
         )
+        if index.search_channel and channel.supported():
+            self._channel = channel.ChannelServer(self.search_many, f"shard{shard_id}")
 
     def _load_snapshot(self, shard_id: int, dim: int) -> tuple[Shard, int]:
         """The newest snapshot that verifies and loads, else an empty shard at sequence 0."""
@@ -145,6 +148,13 @@ class ShardActor:
                 answers.append(exc)
         return answers
 
+    def search_channel(self) -> tuple[str, str] | None:
+        """(Ray node id, socket address) of the direct search channel (see
+        index_service.channel), or None when it is off."""
+        if self._channel is None:
+            return None
+        return ray.get_runtime_context().get_node_id(), self._channel.address
+
     def skipped(self) -> int:
         """How many searches were refused because their deadline had passed (tests)."""
         return self.searches_skipped
@@ -183,6 +193,8 @@ class ShardActor:
 
     def close(self) -> None:
         """Release the log and the directory lock (tests; a dying process releases both)."""
+        if self._channel is not None:
+            self._channel.close()
         self.wait_for_snapshot()
         self._snapshotter.shutdown()
         self._log.close()

@@ -10,6 +10,8 @@ tuple and the shard answers with one; both ends still work on the domain types
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from clipsearch.types import DocRecord, Modality, SearchFilter, SearchParams, ShardHits
@@ -58,7 +60,8 @@ def unpack_request(
 def pack_hits(hits: ShardHits) -> SearchReply:
     """One tuple of builtins for the gateway."""
     records = tuple(
-        (r.id, r.publish_time, r.metadata, r.caption, r.has_image, r.has_text) for r in hits.records
+        (r.id, r.publish_time, _plain(r.metadata), r.caption, r.has_image, r.has_text)
+        for r in hits.records
     )
     return (np.asarray(hits.similarities, dtype=np.float32).tobytes(), records, hits.exhausted)
 
@@ -71,3 +74,8 @@ def unpack_hits(reply: SearchReply) -> ShardHits:
         tuple(DocRecord(*r) for r in records),  # type: ignore[arg-type]
         exhausted,
     )
+
+
+def _plain(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A dict, which `marshal` (the search channel) and Ray both carry as a builtin."""
+    return metadata if type(metadata) is dict else dict(metadata)

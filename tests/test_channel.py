@@ -1,0 +1,183 @@
+"""The direct search channel: a shard actor answers searches on its socket exactly as its
+actor method does, errors keep their class, and a dropped connection fails its callers with
+Unavailable instead of hanging them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.errors import DeadlineExceeded, Unavailable
+from clipsearch.settings import IndexSettings
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter
+from index_service import channel, wire
+from index_service.actor import ShardActor
+from index_service.channel import ChannelClient, ChannelServer
+from tests.fakes import unit_vectors
+
+pytestmark = pytest.mark.skipif(not channel.supported(), reason="Linux only")
+
+DIM = 16
+
+
+@pytest.fixture
+def actor(tmp_path: Path) -> Iterator[ShardActor]:
+    a = ShardActor(0, DIM, IndexSettings(), str(tmp_path), "m")
+    vecs = unit_vectors(60, DIM, seed=1)
+    a.upsert(
+        [
+            DocWrite(DocRecord(f"d{i}", float(i), {"g": str(i % 3)}), image_vector=vecs[i])
+            for i in range(60)
+        ]
+    )
+    yield a
+    a.close()
+
+
+def _request(i: int, deadline: float | None = None, flt: SearchFilter | None = None) -> tuple:
+    query = unit_vectors(1, DIM, seed=100 + i)[0]
+    return wire.pack_request(Modality.IMAGE, query, 5, flt, None, deadline)
+
+
+def _address(actor: ShardActor) -> str:
+    assert actor._channel is not None  # on by default
+    return actor._channel.address
+
+
+async def test_channel_answers_what_the_actor_method_answers(actor: ShardActor) -> None:
+    client = await ChannelClient.connect(_address(actor), "shard 0")
+    try:
+        requests = [
+            _request(i, flt=SearchFilter((("g", "1"),), 3.0, 50.0) if i % 2 else None)
+            for i in range(6)
+        ]
+        got = await client.call(requests)
+        want = [actor.search_packed(r) for r in requests]
+        assert [wire.unpack_hits(g).records for g in got] == [
+            wire.unpack_hits(w).records for w in want
+        ]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(
+                wire.unpack_hits(g).similarities, wire.unpack_hits(w).similarities
+            )
+        assert all(len(wire.unpack_hits(g).records) == 5 for g in got)
+        assert all(r.metadata["g"] == "1" for r in wire.unpack_hits(got[1]).records)
+    finally:
+        client.close()
+
+
+async def test_an_item_past_its_deadline_fails_alone_with_its_own_error_class(
+    actor: ShardActor,
+) -> None:
+    client = await ChannelClient.connect(_address(actor), "shard 0")
+    try:
+        late = _request(0, deadline=time.time() - 1)
+        live = _request(1, deadline=time.time() + 60)
+        answers = await client.call([live, late, live])
+        assert isinstance(answers[1], DeadlineExceeded)
+        assert "deadline" in str(answers[1])
+        assert len(wire.unpack_hits(answers[0]).records) == 5
+        assert answers[0] == answers[2]
+        assert actor.skipped() == 1
+    finally:
+        client.close()
+
+
+async def test_many_concurrent_calls_each_get_their_own_answer(actor: ShardActor) -> None:
+    client = await ChannelClient.connect(_address(actor), "shard 0")
+    try:
+        requests = [_request(i) for i in range(50)]
+        got = await asyncio.gather(*(client.call([r]) for r in requests))
+        assert [g[0] for g in got] == [actor.search_packed(r) for r in requests]
+    finally:
+        client.close()
+
+
+async def test_a_caller_that_goes_away_does_not_shift_the_next_answer(
+    actor: ShardActor,
+) -> None:
+    client = await ChannelClient.connect(_address(actor), "shard 0")
+    try:
+        first = asyncio.ensure_future(client.call([_request(0)]))
+        second = asyncio.ensure_future(client.call([_request(1)]))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)[0] == actor.search_packed(_request(1))
+        assert (await client.call([_request(2)]))[0] == actor.search_packed(_request(2))
+    finally:
+        client.close()
+
+
+async def test_a_handler_bug_fails_every_item_and_the_channel_keeps_serving() -> None:
+    calls = 0
+
+    def handler(requests: object) -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("boom")
+        return [(b"", (), True)] * len(requests)  # type: ignore[arg-type]
+
+    server = ChannelServer(handler, "test")
+    client = await ChannelClient.connect(server.address, "shard 9")
+    try:
+        answers = await client.call([_request(0), _request(1)])
+        assert all(isinstance(a, RuntimeError) and "shard 9 failed" in str(a) for a in answers)
+        assert await client.call([_request(0)]) == [(b"", (), True)]
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_a_dropped_connection_fails_waiting_calls_with_unavailable() -> None:
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def handler(requests: object) -> list[object]:
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.2)
+        return [(b"", (), True)]
+
+    server = ChannelServer(handler, "test")
+    client = await ChannelClient.connect(server.address, "shard 3")
+    call = asyncio.ensure_future(client.call([_request(0)]))
+    await asyncio.wait_for(started.wait(), 5)
+    client._transport.abort()  # type: ignore[union-attr]  # as when the shard's process dies
+    with pytest.raises(Unavailable, match="shard 3 is unavailable"):
+        await asyncio.wait_for(call, 5)
+    assert client.closed
+    with pytest.raises(Unavailable):
+        await client.call([_request(0)])
+    server.close()
+
+
+async def test_a_closed_server_refuses_new_connections() -> None:
+    server = ChannelServer(lambda r: [], "test")
+    server.close()
+    with pytest.raises(OSError):
+        await ChannelClient.connect(server.address, "shard 0")
+
+
+async def test_a_peer_of_another_user_is_refused() -> None:
+    server = ChannelServer(lambda r: [(b"", (), True)] * len(r), "test")  # type: ignore[arg-type]
+    server._uid = -1  # as if the server ran as another user than this client
+    client = await ChannelClient.connect(server.address, "shard 0")
+    try:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(client.call([_request(0)]), 5)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_the_channel_is_off_when_the_settings_say_so(tmp_path: Path) -> None:
+    a = ShardActor(0, DIM, IndexSettings(search_channel=False), str(tmp_path), "m")
+    try:
+        assert a._channel is None and a.search_channel() is None
+    finally:
+        a.close()
