@@ -6,14 +6,18 @@ the same queries (one at a time, top_k 10) through every layer of the vector-sea
 
   faiss        in-process Faiss: one index of the same factory over the same N vectors,
                searched with the same nprobe / efSearch (the issue's baseline)
-  served       gateway end to end: gRPC client -> interceptor -> servicer -> coordinator ->
+  served       gateway end to end, timed by a caller in its own process (bench.caller):
+               gRPC client -> interceptor -> servicer -> coordinator ->
                direct search channel per shard (index_service.channel) -> Shard engine ->
                merge -> response
   served/ray   the same with every shard search a Ray actor call (`use_channel` off)
   coordinator  the same search from inside the gateway's event loop, without gRPC
+  served/ghz   the served search sent by ghz (Go, ~0.1 ms of its own per call)
+  ghz floor    ghz against a bare grpc.aio server answering a same-size Search response
   coord/ray    the same with Ray actor calls
   ray floor    a no-op call fanned out to the same shard actors (the bare Ray hop)
-  grpc floor   a no-op unary call to a bare grpc.aio server (the bare gRPC hop)
+  grpc floor   a no-op unary call to a bare grpc.aio server (the bare gRPC hop), timed
+               by the same out-of-process caller
   x16 callers  coordinator QPS with 16 concurrent callers, shard calls coalesced (the
                default: concurrent searches share an actor call) vs one call per search
 
@@ -29,12 +33,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -46,11 +55,13 @@ from clipsearch.client import Client
 from clipsearch.launcher import ENCODER_APP, init_ray
 from clipsearch.settings import IndexSettings, Settings, load_settings
 from clipsearch.types import DocRecord, Modality, SearchParams
+from clipsearch.v1 import search_pb2
 from encoder_service.model import ClipEncoder, resolve_model
 from gateway.backends import RayEncoder, RayShard
 from gateway.coordinator import Coordinator, SearchQuery, UpsertItem
 from gateway.server import create_server, drain
 from index_service.actor import start_shards
+from load.payloads import PROTOSET, write_protoset
 
 K = 10
 NPROBE = 16
@@ -70,6 +81,8 @@ class Served:
     server: Any
     health: Any
     client: Client
+    port: int
+    data_dir: str
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -125,10 +138,10 @@ async def _serve(
     actors = await asyncio.to_thread(
         start_shards, index, encoder.dim, data_dir, encoder.model_id, f"bench-{n}"
     )
-    shards = [RayShard(a, i) for i, a in enumerate(actors)]
-    if not all(await asyncio.gather(*(s.connect() for s in shards))):
+    backends = [RayShard(a, i) for i, a in enumerate(actors)]
+    if not all(await asyncio.gather(*(b.connect() for b in backends))):
         print(f"  ({factory}: no direct search channel; every search is an actor call)")
-    coordinator = Coordinator(encoder, shards)
+    coordinator = Coordinator(encoder, backends)
     gw_settings = settings.model_copy(update={"index": index})
     server, port, health = await create_server(coordinator, gw_settings)
     for s in range(0, len(vecs), 5000):
@@ -148,19 +161,30 @@ async def _serve(
             raise RuntimeError(f"{factory} not trained after 900 s; use more --docs")
         await asyncio.sleep(0.5)
     client = Client(f"127.0.0.1:{port}", timeout=120)
-    return Served(factory, coordinator, actors, server, health, client)
+    return Served(factory, coordinator, actors, server, health, client, port, data_dir)
 
 
-async def _bare_grpc() -> tuple[Any, int]:
-    """A grpc.aio server with one no-op unary method, /bench.Echo/Ping (bytes in and out)."""
+async def _bare_grpc(reply: bytes = b"") -> tuple[Any, int]:
+    """A bare grpc.aio server: /bench.Echo/Ping answers nothing, and
+    /clipsearch.v1.SearchService/Search answers `reply` to anything (bytes in and out)."""
 
     async def ping(request: bytes, context: Any) -> bytes:
         return b""
 
+    async def search(request: bytes, context: Any) -> bytes:
+        return reply
+
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(ping)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("bench.Echo", {"Ping": handler}),)
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+            ),
+            grpc.method_handlers_generic_handler(
+                "clipsearch.v1.SearchService",
+                {"Search": grpc.unary_unary_rpc_method_handler(search)},
+            ),
+        )
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -182,9 +206,7 @@ def _measure(
     params = _params(served.factory)
     raw = _raw_index(served.factory, vecs)
     raw_s = _time(lambda i: raw.search(queries[i : i + 1], K), n)
-    served_s = _time(
-        lambda i: served.client.search(vector=queries[i], top_k=K, search_params=params), n
-    )
+    served_s = _caller(served, queries[: n + 1], params)
 
     async def coord(i: int) -> object:
         q = SearchQuery(Modality.IMAGE, K, vector=queries[i], params=params)
@@ -193,11 +215,10 @@ def _measure(
     async def ray_floor(i: int) -> object:
         return await asyncio.gather(*(a.ready.remote() for a in served.actors))
 
+    ghz_rows = _ghz_rows(served, queries[: n + 1], params, run)
     coord_s = run(_time_async(coord, n))
     _use_channel(served, False)
-    served_ray_s = _time(
-        lambda i: served.client.search(vector=queries[i], top_k=K, search_params=params), n
-    )
+    served_ray_s = _caller(served, queries[: n + 1], params)
     coord_ray_s = run(_time_async(coord, n))
     _use_channel(served, True)
     floor_s = run(_time_async(ray_floor, n))
@@ -207,11 +228,88 @@ def _measure(
         _row("faiss", raw_s),
         _row("served", served_s, r),
         _row("served/ray", served_ray_s, r),
+        *(_row(name, samples, r) for name, samples in ghz_rows),
         _row("coordinator", coord_s, r),
         _row("coord/ray", coord_ray_s, r),
         _row("ray floor", floor_s),
         _throughput_row(served, lambda i: coord(i % n), run),
     ]
+
+
+def _caller(served: Served, queries: np.ndarray, params: SearchParams | None) -> list[float]:
+    """Sequential Searches timed by a client in its own process (bench.caller)."""
+    path = os.path.join(served.data_dir, "queries.npy")
+    np.save(path, queries)
+    extra = []
+    if params is not None:
+        extra = ["--nprobe", str(params.nprobe), "--ef-search", str(params.ef_search)]
+    return _run_caller(["search", str(served.port), "--queries", path, "--k", str(K), *extra])
+
+
+def _ghz_rows(
+    served: Served, queries: np.ndarray, params: SearchParams | None, run: Callable[..., Any]
+) -> list[tuple[str, list[float]]]:
+    """The same sequential Searches sent by ghz (a Go client, whose own cost per call is a
+    fraction of Python's), against the gateway and against a bare grpc.aio server that
+    answers every Search with a real response of the same size (ghz floor)."""
+    ghz = _ghz_binary()
+    if ghz is None:
+        return []
+    out = Path(served.data_dir)
+    write_protoset(out / PROTOSET)
+    search_params = {}
+    if params is not None:
+        search_params = {"nprobe": params.nprobe, "ef_search": params.ef_search}
+    messages = [
+        {"vector": {"values": [float(x) for x in q]}, "top_k": K, "search_params": search_params}
+        for q in queries
+    ]
+    (out / "queries.json").write_text(json.dumps(messages))
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        request = search_pb2.SearchRequest(top_k=K)
+        request.vector.values.extend(queries[0].tolist())
+        reply = channel.unary_unary("/clipsearch.v1.SearchService/Search")(
+            request.SerializeToString(), timeout=10
+        )
+    echo, echo_port = run(_bare_grpc(reply))
+    rows = []
+    for name, port in (("ghz floor", echo_port), ("served/ghz", served.port)):
+        rows.append((name, _ghz(ghz, out, port, len(messages))))
+    run(echo.stop(0))
+    return rows
+
+
+def _ghz(ghz: str, out: Path, port: int, n: int) -> list[float]:
+    argv = [
+        ghz, "--insecure", "--protoset", PROTOSET, "--call",
+        "clipsearch.v1.SearchService/Search", "--data-file", "queries.json",
+        "-c", "1", "--connections", "1", "-n", str(n), "--format", "json",
+        f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=out, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ghz failed: {done.stderr[-2000:]}")
+    report = json.loads(done.stdout)
+    errors = [d for d in report["details"] if d.get("error")]
+    if errors:
+        raise RuntimeError(f"ghz: {len(errors)} calls failed, e.g. {errors[0]['error']}")
+    return [d["latency"] / 1e9 for d in report["details"]]
+
+
+def _ghz_binary() -> str | None:
+    tools = os.environ.get("CLIPSEARCH_TOOLS", os.path.expanduser("~/.cache/clipsearch/tools"))
+    pinned = os.path.join(tools, "bin", "ghz")
+    return pinned if os.access(pinned, os.X_OK) else shutil.which("ghz")
+
+
+def _run_caller(argv: list[str]) -> list[float]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.caller", *argv], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.caller failed: {done.stderr[-2000:]}")
+    samples: list[float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return samples
 
 
 def _use_channel(served: Served, on: bool) -> None:
@@ -293,9 +391,7 @@ def main() -> None:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
     echo, echo_port = run(_bare_grpc())
-    channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
-    ping = channel.unary_unary("/bench.Echo/Ping")
-    grpc_floor = _time(lambda i: ping(b"", timeout=10), args.queries)
+    grpc_floor = _run_caller(["ping", str(echo_port), "--n", str(args.queries)])
 
     print(
         f"{args.docs} docs x {encoder.dim} dims, {args.shards} shards, {args.queries} "
@@ -321,7 +417,6 @@ def main() -> None:
     print(_row("model+faiss", raw_txt))
     print(_row("served", served_txt, _p(raw_txt, 50)))
     _stop(first, run)
-    channel.close()
     run(echo.stop(0))
     serve.shutdown()
     ray.shutdown()
