@@ -204,3 +204,12 @@ def test_a_killed_shard_is_reported_missing_until_ray_restarts_it(stack, client)
     assert whole.hits[0].id == f"doc-{on_victim}"  # the victim's documents are back
     np.testing.assert_allclose(whole.hits[0].similarity, 1.0, atol=1e-5)
     assert len(client.get([f"doc-{i}" for i in range(200)])) == 200  # nothing acked was lost
+
+    # ... and the gateway's direct search channel reopens to the restarted actor
+    backend = stack.stack.coordinator.shards[victim]
+    before = backend.channel_calls
+    give_up = time.monotonic() + 20
+    while backend.channel_calls == before and time.monotonic() < give_up:
+        assert client.search(vector=query, top_k=10).hits[0].id == f"doc-{on_victim}"
+        time.sleep(0.1)
+    assert backend.channel_calls > before
