@@ -52,7 +52,9 @@ LOCK_WAIT_S = 60.0
 
 
 class ShardActor:
-    """One call at a time (Ray's default for a sync actor), so writes never race searches."""
+    """Ray runs this actor's method calls one at a time (a sync actor); searches that come
+    over the direct channel (index_service.channel) run on its own thread beside them, and
+    the Shard's readers-writer lock keeps them apart from writes."""
 
     def __init__(
         self, shard_id: int, dim: int, index: IndexSettings, data_dir: str, model_id: str
@@ -71,6 +73,7 @@ class ShardActor:
         self._snapshotter = ThreadPoolExecutor(1, thread_name_prefix=f"snapshot-{shard_id}")
         self._pending: Future[None] | None = None
         self.searches_skipped = 0  # searches whose caller's deadline passed before they ran
+        self._skipped_lock = threading.Lock()  # Ray's thread and the channel's both count
         self._channel: channel.ChannelServer | None = None
         self._log = ShardLog(self._dir, self._snapshot_seq)
         replayed = 0
@@ -126,7 +129,8 @@ class ShardActor:
         """The shard's top k; `deadline` (epoch seconds, the caller's) refuses work that
         starts too late: `ray.cancel` cannot stop a call a sync actor already dequeued."""
         if deadline is not None and time.time() >= deadline:
-            self.searches_skipped += 1
+            with self._skipped_lock:
+                self.searches_skipped += 1
             raise DeadlineExceeded("deadline exceeded before the shard search started")
         return self._shard.search(modality, query, k, flt, params)
 
