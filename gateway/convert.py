@@ -29,7 +29,6 @@ from clipsearch.types import (
 )
 from clipsearch.v1 import admin_pb2, common_pb2, search_pb2
 from gateway.coordinator import SearchOutcome, SearchQuery, UpsertItem
-from gateway.ranking import RankedHit
 
 _LONG_TEXT: dict[int, LongTextStrategy | None] = {
     common_pb2.LONG_TEXT_UNSPECIFIED: None,
@@ -65,8 +64,10 @@ class Validator:
         # nprobe beyond the list count means nothing; exact and HNSW indexes ignore it.
         self.max_nprobe = int(ivf.group(1)) if ivf else MAX_EF_SEARCH
 
-    def search_query(self, req: search_pb2.SearchRequest) -> SearchQuery:
-        """A SearchRequest as a validated SearchQuery."""
+    def search_query(
+        self, req: search_pb2.SearchRequest, deadline: float | None = None
+    ) -> SearchQuery:
+        """A SearchRequest as a validated SearchQuery (with the call's `deadline`, epoch s)."""
         kind = req.WhichOneof("query")
         if kind is None:
             raise InvalidArgument("query: set exactly one of text, image or vector")
@@ -76,22 +77,29 @@ class Validator:
         if target is None:
             raise InvalidArgument(f"target: unknown modality {req.target}")
         flt = self._filter(req.filter) if req.HasField("filter") else None
-        common = dict(
+        params = self._search_params(req, top_k) if req.HasField("search_params") else None
+        text = image = vector = text_options = None
+        if kind == "vector":  # the common case first
+            vector = self.vector(req.vector, "vector")
+        elif kind == "text":
+            text = self.text(req.text, "text")
+            text_options = self.text_options(req.text_options, "text_options")
+        else:
+            image = self.image(req.image, "image")
+        return SearchQuery(
             target=target,
             top_k=top_k,
+            text=text,
+            image=image,
+            vector=vector,
             flt=flt,
             alpha=alpha,
             reference_time=ref,
             allow_partial=req.allow_partial,
-            params=self._search_params(req, top_k),
+            text_options=text_options,
+            params=params,
+            deadline=deadline,
         )
-        if kind == "text":
-            text = self.text(req.text, "text")
-            options = self.text_options(req.text_options, "text_options")
-            return SearchQuery(text=text, text_options=options, **common)  # type: ignore[arg-type]
-        if kind == "image":
-            return SearchQuery(image=self.image(req.image, "image"), **common)  # type: ignore[arg-type]
-        return SearchQuery(vector=self.vector(req.vector, "vector"), **common)  # type: ignore[arg-type]
 
     def upsert_items(self, req: search_pb2.UpsertRequest, now: float) -> list[UpsertItem]:
         """Validated documents of an UpsertRequest (ids distinct)."""
@@ -162,17 +170,21 @@ class Validator:
 
     def vector(self, vec: common_pb2.Vector, field: str) -> np.ndarray:
         """A finite, non-zero vector of the model's dimension, L2-normalised."""
-        arr = np.asarray(vec.values, dtype=np.float32)
+        arr = np.array(vec.values, dtype=np.float32)
         if arr.shape[0] != self.dim:
             raise InvalidArgument(
                 f"{field}: has dimension {arr.shape[0]}, the model's is {self.dim}"
             )
-        if not np.all(np.isfinite(arr)):
+        # One pass tells all: the float64 sum of squares of finite float32 values cannot
+        # overflow, so it is NaN or infinite exactly when an element is.
+        wide = arr.astype(np.float64)
+        squares = float(wide @ wide)
+        if not math.isfinite(squares):
             raise InvalidArgument(f"{field}: contains NaN or infinity")
-        norm = float(np.linalg.norm(arr.astype(np.float64)))
-        if norm == 0.0 or not math.isfinite(norm):
+        if squares == 0.0:
             raise InvalidArgument(f"{field}: must be non-zero")
-        return (arr / norm).astype(np.float32)
+        arr /= math.sqrt(squares)
+        return arr
 
     def encode_batch(self, n: int, field: str) -> None:
         """An Encode* batch size within 1..max_encode_items."""
@@ -183,9 +195,7 @@ class Validator:
             raise InvalidArgument(f"top_k: must be 1 to {self.limits.max_top_k}, got {top_k}")
         return top_k
 
-    def _search_params(self, req: search_pb2.SearchRequest, top_k: int) -> SearchParams | None:
-        if not req.HasField("search_params"):
-            return None
+    def _search_params(self, req: search_pb2.SearchRequest, top_k: int) -> SearchParams:
         p = req.search_params
         if p.nprobe > self.max_nprobe:
             raise InvalidArgument(
@@ -307,52 +317,55 @@ def document(record: DocRecord) -> common_pb2.Document:
     )
 
 
+def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.SearchResponse:
+    """A SearchOutcome as the SearchResponse of query `q`.
+
+    Built in place: each hit is added to the response's own repeated field and its
+    Timestamp and metadata filled there (a Hit built apart, or a Timestamp, would be copied
+    in; and a map field's `update` walks a dict in Python through the Mapping ABCs).
+    """
+    resp = search_pb2.SearchResponse(
+        candidates_examined=outcome.candidates,
+        shards_answered=outcome.shards_answered,
+        partial=bool(outcome.missing_shards),
+        missing_shards=outcome.missing_shards,
+        shards_total=outcome.shards_total,
+    )
+    recency = resp.recency
+    recency.decay_per_day = q.alpha
+    _set_posix(recency.reference_time, q.reference_time)
+    t = outcome.timings_ms
+    timings = resp.timings
+    timings.encode_ms = t.get("encode", 0.0)
+    timings.search_ms = t.get("search", 0.0)
+    timings.merge_ms = t.get("merge", 0.0)
+    timings.total_ms = t.get("total", 0.0)
+    timings.decode_ms = t.get("decode", 0.0)
+    timings.rerank_ms = t.get("rerank", 0.0)
+    add = resp.hits.add
+    for h in outcome.hits:
+        record = h.record
+        hit = add(
+            id=record.id,
+            similarity=h.similarity,
+            decay=h.decay,
+            score=h.score,
+            caption=record.caption,
+        )
+        if record.metadata:
+            metadata = hit.metadata
+            for key, value in record.metadata.items():
+                metadata[key] = value
+        _set_posix(hit.publish_time, record.publish_time)
+    return resp
+
+
 def _set_posix(ts: Timestamp, seconds: float) -> None:
     """Fill `ts` in place from POSIX seconds (same rounding as `to_timestamp`)."""
     whole, nanos = posix_parts(seconds)
     ts.seconds = whole
     if nanos:
         ts.nanos = nanos
-
-
-def _hit(h: RankedHit) -> search_pb2.Hit:
-    """One ranked hit as a Hit; the Timestamp is filled in place (no temporary message)."""
-    record = h.record
-    hit = search_pb2.Hit(
-        id=record.id,
-        similarity=h.similarity,
-        decay=h.decay,
-        score=h.score,
-        metadata=dict(record.metadata),
-        caption=record.caption,
-    )
-    _set_posix(hit.publish_time, record.publish_time)
-    return hit
-
-
-def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.SearchResponse:
-    """A SearchOutcome as the SearchResponse of query `q`."""
-    hits = [_hit(h) for h in outcome.hits]
-    t = outcome.timings_ms
-    return search_pb2.SearchResponse(
-        hits=hits,
-        recency=search_pb2.Recency(
-            decay_per_day=q.alpha, reference_time=timestamp(q.reference_time)
-        ),
-        candidates_examined=outcome.candidates,
-        shards_answered=outcome.shards_answered,
-        partial=bool(outcome.missing_shards),
-        missing_shards=outcome.missing_shards,
-        shards_total=outcome.shards_total,
-        timings=search_pb2.Timings(
-            encode_ms=t.get("encode", 0.0),
-            search_ms=t.get("search", 0.0),
-            merge_ms=t.get("merge", 0.0),
-            total_ms=t.get("total", 0.0),
-            decode_ms=t.get("decode", 0.0),
-            rerank_ms=t.get("rerank", 0.0),
-        ),
-    )
 
 
 def index_stats(s: IndexStats) -> admin_pb2.IndexStats:
