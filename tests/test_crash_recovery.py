@@ -213,3 +213,54 @@ def test_a_killed_shard_is_reported_missing_until_ray_restarts_it(stack, client)
         assert client.search(vector=query, top_k=10).hits[0].id == f"doc-{on_victim}"
         time.sleep(0.1)
     assert backend.channel_calls > before
+
+
+def test_a_shard_killed_under_concurrent_searches_fails_them_cleanly(stack, client) -> None:  # type: ignore[no-untyped-def]
+    """Searches in flight on the killed shard's channel, queued behind them, and arriving
+    while it restarts: each answers whole, partial naming that shard (when allowed) or
+    UNAVAILABLE naming it, within its deadline; none hangs, none gets another error."""
+    import ray
+
+    vectors = unit_vectors(250, DIM, seed=12)
+    client.upsert([Document(f"doc-{i}", image_vector=vectors[i]) for i in range(250)])
+    actors = stack.stack.shard_actors
+    shards, victim = len(actors), 0
+    pid = ray.get(actors[victim].pid.remote())
+    outcomes: list[str] = []
+    errors: list[str] = []
+    stop = time.monotonic() + 4.0
+
+    def searcher(n: int) -> None:
+        with Client(stack.address, timeout=30) as own:
+            i = n
+            while time.monotonic() < stop:
+                partial_ok = i % 2 == 0
+                try:
+                    r = own.search(vector=vectors[i % 250], top_k=10, allow_partial=partial_ok)
+                except grpc.RpcError as exc:
+                    if partial_ok or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        errors.append(f"{exc.code()}: {exc.details()}")
+                    elif f"shard {victim}" not in (exc.details() or ""):
+                        errors.append(f"unnamed shard: {exc.details()}")
+                    outcomes.append("unavailable")
+                else:
+                    if r.partial:
+                        assert r.missing_shards == (victim,) and len(r.hits) == 10
+                        outcomes.append("partial")
+                    else:
+                        assert r.shards_answered == shards
+                        outcomes.append("whole")
+                i += 6
+
+    threads = [threading.Thread(target=searcher, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a search hung"
+    assert errors == []
+    assert "whole" in outcomes and ("partial" in outcomes or "unavailable" in outcomes)
+    _wait_until_whole(client, vectors[0], shards)
+    assert len(client.get([f"doc-{i}" for i in range(250)])) == 250
