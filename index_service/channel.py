@@ -180,7 +180,15 @@ class ChannelClient(asyncio.Protocol):
     @classmethod
     async def connect(cls, address: str, what: str) -> ChannelClient:
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_unix_connection(lambda: cls(what), address)
+        # Connected here, not by the loop: uvloop (libuv) cannot name an abstract address.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            _, protocol = await loop.create_unix_connection(lambda: cls(what), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return protocol
 
     async def call(self, requests: list[wire.SearchRequest]) -> list[Any]:
