@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
 import os
 import time
@@ -52,6 +51,9 @@ def status_of(exc: errors.ClipsearchError) -> grpc.StatusCode:
 
 class _Undecodable:
     """Stands in for a request body that failed to parse."""
+
+
+_OK = grpc.StatusCode.OK
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
@@ -122,42 +124,51 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
         klass = method_class(method)
+        limited = klass != "open"
+        # what every call reads, bound once per method (set at construction, never replaced)
+        tracer, metrics = self._tracer, self._metrics
+        admission = self._admission if limited else None
+        default_timeout_s = self._default_timeout_s
+        perf_counter, now = time.perf_counter, time.time
+        set_request_id, set_deadline = request_id_var.set, deadline_var.set
+        log_enabled = access_log.isEnabledFor
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id = _request_id(context)
-            request_id_var.set(request_id)
+            set_request_id(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))
             span = None
-            if self._tracer is not None:
-                span = self._tracer.start_span(
+            if tracer is not None:
+                span = tracer.start_span(
                     "clipsearch.rpc",
                     attributes={"rpc.method": method, "clipsearch.request_id": request_id},
                 )
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            start = perf_counter()
+            code = _OK
             admitted = False
             try:
-                if self.draining and klass != "open":
+                if limited and self.draining:
                     raise errors.Unavailable("the server is shutting down; retry elsewhere")
-                if isinstance(request, _Undecodable):
+                if request.__class__ is _Undecodable:
                     raise errors.InvalidArgument("request body is not a valid protobuf message")
-                if self._admission is not None and klass != "open":
-                    admitted = self._admission.enter(klass)
-                    if self._metrics is not None and admitted:
-                        self._metrics.rpc_started(klass)
-                timeout = self._timeout(context)
-                deadline_var.set(time.time() + timeout)
+                if admission is not None:
+                    admitted = admission.enter(klass)
+                    if metrics is not None and admitted:
+                        metrics.rpc_started(klass)
+                remaining = context.time_remaining()
+                timeout = default_timeout_s if remaining is None else max(remaining, 0.0)
+                set_deadline(now() + timeout)
                 async with asyncio.timeout(timeout):  # no task per call
                     response = await behavior(request, context)
-                if self._metrics is not None and hasattr(response, "timings"):
-                    self._metrics.observe_stages(
-                        {_stage(f.name): v for f, v in response.timings.ListFields()}
-                    )
+                if metrics is not None:
+                    timings = getattr(response, "timings", None)
+                    if timings is not None:
+                        metrics.observe_timings(timings)
                 return response
             except errors.ClipsearchError as exc:
                 code = status_of(exc)
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._metrics is not None:
-                    self._metrics.rpc_rejected(klass)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and metrics is not None:
+                    metrics.rpc_rejected(klass)
                 await context.abort(code, str(exc))
             except TimeoutError:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -173,17 +184,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s (request id %s)", method, request_id)
                 await context.abort(code, f"internal error; quote request id {request_id}")
             finally:
-                if admitted and self._admission is not None:
-                    self._admission.leave(klass)
-                    if self._metrics is not None:
-                        self._metrics.rpc_finished(klass)
-                seconds = time.perf_counter() - start
+                seconds = perf_counter() - start
+                if admitted:
+                    admission.leave(klass)  # type: ignore[union-attr]
+                    if metrics is not None:
+                        metrics.rpc_finished(klass)
                 if span is not None:
                     span.set_attribute("rpc.grpc.status_code", code.name)
                     span.end()
-                if self._metrics is not None:
-                    self._metrics.observe_rpc(method, code.name, seconds)
-                if access_log.isEnabledFor(logging.INFO):  # skip building `extra` when off
+                if metrics is not None:
+                    metrics.observe_rpc(method, code.name, seconds)
+                if log_enabled(logging.INFO):  # skip building `extra` when off
                     access_log.info(
                         "rpc method=%s status=%s ms=%.2f request_id=%s",
                         method,
@@ -199,10 +210,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return run
-
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return self._default_timeout_s if remaining is None else max(remaining, 0.0)
 
 
 def _refuse(code: grpc.StatusCode, message: str) -> Callable[..., Awaitable[Any]]:
@@ -232,9 +239,3 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID
-
-
-@functools.cache
-def _stage(field_name: str) -> str:
-    """`encode_ms` -> `encode` (the stage label of a Timings field)."""
-    return field_name.removesuffix("_ms")

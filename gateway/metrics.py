@@ -100,6 +100,7 @@ class GatewayMetrics:
             registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._timing_stages: dict[type, tuple[tuple[str, Any], ...]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached (the event loop is the only writer)."""
@@ -125,6 +126,21 @@ class GatewayMetrics:
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self._child(self.stage_seconds, stage).observe(ms / 1000.0)
+
+    def observe_timings(self, timings: Any) -> None:
+        """The stage histograms from a response's Timings message: each `<stage>_ms` field
+        that is set (non-zero, as `ListFields` tells it), without building a dict per call."""
+        stages = self._timing_stages.get(type(timings))
+        if stages is None:
+            stages = self._timing_stages[type(timings)] = tuple(
+                (f.name, self._child(self.stage_seconds, f.name.removesuffix("_ms")))
+                for f in timings.DESCRIPTOR.fields
+                if f.name.endswith("_ms")
+            )
+        for name, child in stages:
+            ms = getattr(timings, name)
+            if ms:
+                child.observe(ms / 1000.0)
 
     def observe_shard_stats(self, stats: Any) -> None:
         shard = str(stats.shard)

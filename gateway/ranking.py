@@ -41,14 +41,25 @@ def decay_factor(publish_time: float, reference_time: float, alpha: float) -> fl
 def rank(
     answers: Sequence[ShardHits], k: int, alpha: float, reference_time: float
 ) -> list[RankedHit]:
-    """The best k candidates of all shards by decayed score (ties broken by id)."""
-    ranked = (
-        RankedHit(rec, float(sim), d, float(sim) * d)
-        for hits in answers
-        for sim, rec in zip(hits.similarities.tolist(), hits.records, strict=True)
-        for d in (decay_factor(rec.publish_time, reference_time, alpha),)
-    )
-    return heapq.nsmallest(k, ranked, key=lambda h: (-h.score, h.record.id))
+    """The best k candidates of all shards by decayed score (ties broken by id).
+
+    Candidates are ranked as plain tuples (`-score, id, arrival`: compared in C, no key
+    function, and the arrival number keeps equal keys in shard order); a RankedHit is built
+    only for the k kept.
+    """
+    keyed: list[tuple[float, str, int, DocRecord, float, float]] = []
+    append = keyed.append
+    for hits in answers:
+        pairs = zip(hits.similarities.tolist(), hits.records, strict=True)
+        if alpha == 0.0:
+            for sim, rec in pairs:
+                append((-sim, rec.id, len(keyed), rec, sim, 1.0))
+        else:
+            for sim, rec in pairs:
+                d = decay_factor(rec.publish_time, reference_time, alpha)
+                append((-(sim * d), rec.id, len(keyed), rec, sim, d))
+    top = heapq.nsmallest(k, keyed) if 8 * k < len(keyed) else sorted(keyed)[:k]
+    return [RankedHit(rec, sim, d, -neg) for neg, _, _, rec, sim, d in top]
 
 
 def unseen_bound(answers: Sequence[ShardHits]) -> float | None:
