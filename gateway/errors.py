@@ -49,21 +49,7 @@ def status_of(exc: errors.ClipsearchError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class _Undecodable:
-    """Stands in for a request body that failed to parse."""
-
-
 _OK = grpc.StatusCode.OK
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data) if deserializer else data
-        except DecodeError:
-            return _Undecodable()
-
-    return parse
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -97,36 +83,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+        """As a grpc.aio interceptor (the gateway itself wraps its handlers once instead, see
+        `handler_for` and `gateway.server`)."""
+        return self.handler_for(details.method, await continuation(details))
+
+    def handler_for(self, method: str, handler: Any) -> Any:
+        """`handler` with everything this class does around each call, built once per method.
+
+        Streaming handlers (health Watch, reflection) pass through untouched. The wrapped
+        handler takes the raw request bytes: the token is checked before the body is parsed.
+        """
         if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch, reflection) passes through untouched
-        denied = (
-            self._auth.check(details.method, details.invocation_metadata)
-            if self._auth is not None
-            else None
-        )
-        if denied is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(_refuse(*denied), details.method),
-                request_deserializer=_ignore,
-                response_serializer=handler.response_serializer,
-            )
-        cached = self._wrapped.get(details.method)
+            return handler
+        cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler.unary_unary, details.method),
-            request_deserializer=_tolerant(handler.request_deserializer),
+            self._wrap(handler.unary_unary, method, handler.request_deserializer),
+            request_deserializer=None,  # raw bytes: parsed in `run`, after the auth check
             response_serializer=handler.response_serializer,
         )
-        self._wrapped[details.method] = (handler, wrapped)
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+    def _wrap(
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        method: str,
+        parse: Callable[[bytes], Any] | None,
+    ) -> Callable[..., Any]:
         klass = method_class(method)
         limited = klass != "open"
         # what every call reads, bound once per method (set at construction, never replaced)
         tracer, metrics = self._tracer, self._metrics
+        auth = self._auth if limited else None
         admission = self._admission if limited else None
         default_timeout_s = self._default_timeout_s
         perf_counter, now = time.perf_counter, time.time
@@ -149,8 +139,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if limited and self.draining:
                     raise errors.Unavailable("the server is shutting down; retry elsewhere")
-                if request.__class__ is _Undecodable:
-                    raise errors.InvalidArgument("request body is not a valid protobuf message")
+                if auth is not None:  # before the body is even parsed
+                    denied = auth.check(method, context.invocation_metadata())
+                    if denied is not None:
+                        await context.abort(*denied)
+                if parse is not None:
+                    try:
+                        request = parse(request)
+                    except DecodeError:
+                        raise errors.InvalidArgument(
+                            "request body is not a valid protobuf message"
+                        ) from None
                 if admission is not None:
                     admitted = admission.enter(klass)
                     if metrics is not None and admitted:
@@ -210,18 +209,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return run
-
-
-def _refuse(code: grpc.StatusCode, message: str) -> Callable[..., Awaitable[Any]]:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    return refuse
-
-
-def _ignore(data: bytes) -> None:
-    """The deserializer of a refused call: its body is never parsed."""
-    return None
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

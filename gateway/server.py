@@ -84,7 +84,6 @@ async def create_server(
     )
     limit = settings.limits.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -94,25 +93,28 @@ async def create_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
+    # The services register through `registrar`, which wraps each unary handler with the
+    # interceptor's per-call work once, here: grpc then runs no interceptor chain per call.
+    registrar = _Wrapping(server, interceptor)
     validator = Validator(settings.limits, coordinator.encoder.dim, settings.index.factory)
     search_pb2_grpc.add_SearchServiceServicer_to_server(
-        SearchServicer(coordinator, validator), server
+        SearchServicer(coordinator, validator), registrar
     )
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
-        EncoderServicer(coordinator, validator), server
+        EncoderServicer(coordinator, validator), registrar
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(coordinator, settings.index.factory), server
+        AdminServicer(coordinator, settings.index.factory), registrar
     )
     servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, registrar)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
-        server,
+        server,  # streaming only: nothing to wrap (and it checks for a grpc.aio.Server)
     )
     address = f"{gw.host}:{gw.port}"
     if credentials is not None:
@@ -148,6 +150,44 @@ async def create_server(
         health.on_drain.append(obs.metrics_server.shutdown)
         log.info("metrics on http://%s:%d/metrics", o.metrics_host, obs.metrics_port)
     return server, port, health
+
+
+class _Wrapping:
+    """Stands in for the grpc.aio server while services register their handlers.
+
+    Each unary-unary handler is replaced by `ErrorInterceptor.handler_for`'s wrapped one (auth,
+    draining, parsing, admission, deadline, errors, metrics, access log, tracing), built once.
+    As an interceptor, the same work cost a chain of coroutines and a handler lookup per call.
+    """
+
+    def __init__(self, server: grpc.aio.Server, interceptor: ErrorInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrap = self._interceptor.handler_for
+        self._server.add_registered_method_handlers(
+            service, {name: wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(h, self._interceptor) for h in handlers)
+        )
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose unary-unary answers come wrapped (the fallback grpc uses for
+    methods not registered by name)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: ErrorInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        return self._interceptor.handler_for(details.method, self._inner.service(details))
 
 
 async def _health_only_server(

@@ -94,6 +94,17 @@ async def test_refusals_name_the_problem_and_never_the_token() -> None:
             assert ids.get("x-request-id")  # refused calls still get a request id
 
 
+async def test_the_token_is_checked_before_the_body_is_parsed() -> None:
+    garbage = b"\xff\xff\xff\xff"  # not a protobuf message
+    async with gateway(**_token_settings()) as (port, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw = channel.unary_unary("/clipsearch.v1.SearchService/Search")
+            assert await code_of(raw(garbage, timeout=10)) == UNAUTH
+            assert await code_of(raw(garbage, metadata=bearer("w-secret"), timeout=10)) == DENIED
+            bad = await code_of(raw(garbage, metadata=bearer("r-secret"), timeout=10))
+            assert bad == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_health_and_reflection_stay_open() -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
