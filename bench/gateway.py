@@ -1,32 +1,43 @@
 """The gateway's own overhead: Search through the real gateway with in-process stub encoder
 and shards, against a bare grpc.aio echo server moving the same bytes.
 
-Both servers run in one child process each (one at a time), the load generator in this one:
+Both servers run side by side in a child process each, the load generator in this one:
 
-  throughput   closed loop, `--concurrency` callers for `--seconds`: gateway req/s ÷ echo
-               req/s (target >= 0.5)
-  tail         open loop at 70 % of the gateway's measured saturation, arrivals on a fixed
+  throughput   closed loop, `--concurrency` callers, `--seconds` per server per round, the
+               two servers alternated in 0.5 s slices (a burst of other load on the
+               machine falls on both): gateway req/s ÷ echo req/s (target >= 0.5)
+  tail         open loop at 70 % of the gateway's median saturation, arrivals on a fixed
                schedule, latency counted from the scheduled send time (no coordinated
-               omission): p99 ÷ p50 (target <= 3)
+               omission), `--rounds` times: p99 ÷ p50 (target <= 3)
 
 The gateway path is everything real but the engines: interceptor (request id, deadline,
 admission, metrics, access log), validation, the coordinator's fan-out to `--shards` stub
 shards, the exact merge, and response conversion. The echo server returns a pre-serialised
-SearchResponse of the same size as the gateway's answer.
+SearchResponse of the same size as the gateway's answer. The load generator's garbage
+collector is off while it measures (as in `timeit`); the servers keep theirs (frozen
+start-up heap, as `clipsearch serve` runs).
 
-Usage: PYTHONPATH=. python bench/gateway.py [--seconds 5] [--concurrency 32] [--shards 2]
-         [--top-k 10] [--rounds 3]
+With `--pin on` (the default, when at least 2 CPUs are allowed) both servers run on the first
+allowed CPU and the load generator on the others, so the generator's own work never competes
+with the server it measures; both servers get exactly the same placement. `--pin off` lets
+the scheduler place everything. The output says which was used.
+
+Usage: PYTHONPATH=. python -m bench.gateway [--seconds 5] [--concurrency 32] [--shards 2]
+         [--top-k 10] [--rounds 3] [--pin on|off]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # Run as a script, this file's folder comes first on sys.path, and its name would shadow the
@@ -41,6 +52,7 @@ from clipsearch.v1 import common_pb2, search_pb2  # noqa: E402
 
 DIM = 512
 SEARCH = "/clipsearch.v1.SearchService/Search"
+SLICE_S = 0.5  # closed-loop phases alternate the two servers in slices this long
 
 
 # ---- the servers (run in a child process) ---------------------------------------------------
@@ -134,34 +146,62 @@ async def _echo_main(port_out: Any, reply: bytes) -> None:
     await server.wait_for_termination()
 
 
-def _run_gateway(port_out: Any, shards: int, top_k: int) -> None:
+def _pin(cpus: set[int] | None) -> None:
+    """Keep this process (and the threads it starts after this) on `cpus`; None: anywhere."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _run_gateway(port_out: Any, cpus: set[int] | None, shards: int, top_k: int) -> None:
+    _pin(cpus)  # before grpc and asyncio start their threads, which inherit it
     asyncio.run(_gateway_main(port_out, shards, top_k))
 
 
-def _run_echo(port_out: Any, reply: bytes) -> None:
+def _run_echo(port_out: Any, cpus: set[int] | None, reply: bytes) -> None:
+    _pin(cpus)
     asyncio.run(_echo_main(port_out, reply))
 
 
 # ---- the load generator ---------------------------------------------------------------------
 
 
-async def _closed_loop(address: str, body: bytes, concurrency: int, seconds: float) -> float:
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(SEARCH)
-        for _ in range(50):  # warm up
-            await call(body, timeout=10)
-        done = 0
-        stop = time.perf_counter() + seconds
+async def _closed_loops(
+    addresses: dict[str, str], body: bytes, concurrency: int, seconds: float, slice_s: float
+) -> dict[str, float]:
+    """Closed-loop req/s of each server, measured in alternating slices of `slice_s` until
+    each has had `seconds`: a burst of other load on the machine then falls on both.
 
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
+    A slice counts the calls it started, timed until the last of them is answered (so the
+    ramp-down of the concurrent callers is inside the slice, for both servers alike).
+    """
+    channels = {name: grpc.aio.insecure_channel(a) for name, a in addresses.items()}
+    try:
+        calls = {name: ch.unary_unary(SEARCH) for name, ch in channels.items()}
+        for call in calls.values():
+            for _ in range(50):  # warm up
                 await call(body, timeout=10)
-                done += 1
+        done = dict.fromkeys(calls, 0)
+        spent = dict.fromkeys(calls, 0.0)
+        with _no_gc():
+            while min(spent.values()) < seconds:
+                for name, call in calls.items():
+                    start = time.perf_counter()
+                    stop = start + slice_s
+                    count = 0
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
+                    async def worker(call: Any = call, stop: float = stop) -> None:
+                        nonlocal count
+                        while time.perf_counter() < stop:
+                            await call(body, timeout=10)
+                            count += 1
+
+                    await asyncio.gather(*(worker() for _ in range(concurrency)))
+                    done[name] += count
+                    spent[name] += time.perf_counter() - start
+        return {name: done[name] / spent[name] for name in calls}
+    finally:
+        for ch in channels.values():
+            await ch.close()
 
 
 async def _open_loop(address: str, body: bytes, rate: float, seconds: float) -> list[float]:
@@ -171,21 +211,46 @@ async def _open_loop(address: str, body: bytes, rate: float, seconds: float) -> 
             await call(body, timeout=10)
         latencies: list[float] = []
         tasks = []
-        t0 = time.perf_counter()
         n = int(rate * seconds)
 
         async def one(scheduled: float) -> None:
             await call(body, timeout=30)
             latencies.append(time.perf_counter() - scheduled)
 
-        for i in range(n):
-            scheduled = t0 + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(scheduled)))
-        await asyncio.gather(*tasks)
+        with _no_gc():
+            t0 = time.perf_counter()
+            for i in range(n):
+                scheduled = t0 + i / rate
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(scheduled)))
+            await asyncio.gather(*tasks)
         return latencies
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The load generator's collector off while it measures (as `timeit` does): its pauses
+    would be counted as the server's latency. The servers keep theirs."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, load-generator CPUs): the first allowed CPU and the rest, or Nones."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def _cpus(cpus: set[int] | None) -> str:
+    return ",".join(str(c) for c in sorted(cpus or ()))
 
 
 def _start(target: Any, *args: Any) -> tuple[Any, int]:
@@ -211,50 +276,73 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two servers")
+    parser.add_argument(
+        "--pin",
+        choices=("on", "off"),
+        default="on",
+        help="server on one CPU, load generator on the others (both servers alike); "
+        "on needs at least 2 CPUs, else it is off",
+    )
     args = parser.parse_args()
     body = _request(args.top_k)
+    server_cpus, driver_cpus = _cpu_split(args.pin == "on")
+    if server_cpus:
+        _pin(driver_cpus)  # before this process's grpc threads start
 
-    # Alternate the two servers `--rounds` times; each round gives a ratio (gateway vs the echo
-    # measured right after it) and a tail figure (open loop at 70 % of that round's gateway
-    # saturation). The medians of the rounds are reported, so one burst of noise from other
-    # processes on the machine does not decide either figure.
+    # Both servers run side by side (the idle one costs nothing) so the closed-loop phases can
+    # alternate closely: `--rounds` rounds of interleaved slices, the order flipped every
+    # round, each round giving a ratio. Then `--rounds` open-loop phases against the gateway
+    # at 70 % of its median saturation, each giving a tail figure. Medians of rounds are
+    # reported, so one burst of noise from other processes on the machine decides neither
+    # figure (nor the open-loop rate: one lucky saturation reading would overload it).
     ratios: list[float] = []
+    gw_rates: list[float] = []
     tails: list[tuple[float, float, float]] = []
-    reply = b""
-    for _ in range(args.rounds):
-        gw_rps = echo_rps = 0.0
-        gw, port = _start(_run_gateway, args.shards, args.top_k)
-        try:
-            address = f"127.0.0.1:{port}"
-            reply = asyncio.run(_one(address, body))
-            gw_rps = asyncio.run(_closed_loop(address, body, args.concurrency, args.seconds))
-            rate = 0.7 * gw_rps
+    gw, port = _start(_run_gateway, server_cpus, args.shards, args.top_k)
+    echo = None
+    try:
+        gw_address = f"127.0.0.1:{port}"
+        reply = asyncio.run(_one(gw_address, body))
+        echo, port = _start(_run_echo, server_cpus, reply)
+        echo_address = f"127.0.0.1:{port}"
+        for n in range(args.rounds):
+            order = [("gw", gw_address), ("echo", echo_address)][:: 1 - 2 * (n % 2)]
+            rps = asyncio.run(
+                _closed_loops(dict(order), body, args.concurrency, args.seconds, SLICE_S)
+            )
+            gw_rates.append(rps["gw"])
+            ratios.append(rps["gw"] / rps["echo"])
+            print(
+                f"closed loop {n + 1}: gateway {rps['gw']:,.0f} req/s, echo "
+                f"{rps['echo']:,.0f} req/s, ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+        rate = 0.7 * statistics.median(gw_rates)
+        for n in range(args.rounds):
             q = statistics.quantiles(
-                asyncio.run(_open_loop(address, body, rate, args.seconds)), n=100
+                asyncio.run(_open_loop(gw_address, body, rate, args.seconds)), n=100
             )
             tails.append((rate, q[49] * 1000, q[98] * 1000))
-        finally:
-            gw.terminate()
-            gw.join(10)
-        echo, port = _start(_run_echo, reply)
-        try:
-            echo_rps = asyncio.run(
-                _closed_loop(f"127.0.0.1:{port}", body, args.concurrency, args.seconds)
+            print(
+                f"open loop {n + 1} at {rate:,.0f} req/s: p50 {tails[-1][1]:.2f} ms, "
+                f"p99 {tails[-1][2]:.2f} ms, p99/p50 {tails[-1][2] / tails[-1][1]:.2f}",
+                flush=True,
             )
-        finally:
-            echo.terminate()
-            echo.join(10)
-        ratios.append(gw_rps / echo_rps)
-        print(
-            f"round {len(ratios)}: gateway {gw_rps:,.0f} req/s, echo {echo_rps:,.0f} req/s, "
-            f"ratio {ratios[-1]:.2f}; open loop at {rate:,.0f} req/s p50 {tails[-1][1]:.2f} ms "
-            f"p99 {tails[-1][2]:.2f} ms",
-            flush=True,
-        )
+    finally:
+        for proc in (gw, echo):
+            if proc is not None:
+                proc.terminate()
+                proc.join(10)
 
     ratio = statistics.median(ratios)
     tail = statistics.median(p99 / p50 for _, p50, p99 in tails)
     rate, p50, p99 = sorted(tails, key=lambda t: t[2] / t[1])[len(tails) // 2]
+    placement = (
+        f"servers pinned to CPU {_cpus(server_cpus)}, load generator to CPU {_cpus(driver_cpus)}"
+        if server_cpus
+        else "not pinned: servers and load generator share all CPUs"
+    )
+    print(placement)
     print(
         f"request {len(body)} B, response {len(reply)} B, {args.shards} stub shards, "
         f"top_k {args.top_k}, concurrency {args.concurrency}, {args.seconds:.0f} s per phase"
