@@ -119,7 +119,7 @@ def _params(factory: str) -> SearchParams | None:
 
 def _raw_index(factory: str, vecs: np.ndarray) -> Any:
     """An in-process Faiss index of `factory` over `vecs`, set to the benchmark's params."""
-    index = faiss.index_factory(vecs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index: Any = faiss.index_factory(vecs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if factory.startswith("HNSW"):  # linked as a shard links it (graph quality sets speed)
         index.hnsw.efConstruction = IndexSettings().hnsw_ef_construction
     index.train(vecs)
