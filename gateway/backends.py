@@ -185,6 +185,11 @@ class RayShard:
         request = wire.pack_request(modality, query, k, flt, params, deadline)
         return wire.unpack_hits(await self.searches.call(request))
 
+    @property
+    def channel_open(self) -> bool:
+        """Whether searches go over the direct channel now."""
+        return self.use_channel and self._channel is not None and not self._channel.closed
+
     async def connect(self) -> bool:
         """Open the search channel now (else the first searches open it in the background);
         True if searches will use it."""

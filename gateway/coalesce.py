@@ -56,11 +56,13 @@ class Coalescer(Generic[Req, Rep]):
         self._waiting: list[tuple[Req, asyncio.Future[Rep]]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # batched calls running (kept referenced)
         self.batches: dict[int, int] = {}  # batch size -> batched calls sent (observability)
+        self.alone = 0  # calls sent alone, through send_one (observability)
 
     async def call(self, request: Req) -> Rep:
         """The answer to `request`, sent alone or with others."""
         if self._in_flight < self.max_in_flight and not self._waiting:
             self._in_flight += 1
+            self.alone += 1
             try:
                 return await self._send_one(request)
             finally:

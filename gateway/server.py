@@ -32,6 +32,7 @@ from gateway.errors import ErrorInterceptor
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.servicers import AdminServicer, EncoderServicer, SearchServicer
+from gateway.shard_metrics import ShardCallCollector
 from gateway.tracing import tracer_for
 
 log = logging.getLogger("clipsearch.gateway")
@@ -74,6 +75,7 @@ async def create_server(
     credentials = tls.server_credentials(gw.tls)
     check_exposure(settings, authenticator is not None, credentials is not None)
     metrics = GatewayMetrics()
+    metrics.registry.register(ShardCallCollector(coordinator.shards))
     admission = Admission.from_settings(gw.admission)
     interceptor = ErrorInterceptor(
         gw.default_timeout_s,

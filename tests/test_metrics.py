@@ -117,3 +117,54 @@ async def test_a_span_per_rpc_when_tracing_is_configured(monkeypatch: pytest.Mon
     assert span.attributes["rpc.method"] == "/clipsearch.v1.SearchService/Search"
     assert span.attributes["rpc.grpc.status_code"] == "OK"
     assert tracing.tracer_for("") is None
+
+
+async def test_shard_call_figures_are_exported_per_shard() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gateway.coalesce import Coalescer
+    from gateway.shard_metrics import ShardCallCollector
+
+    class Backend:
+        def __init__(self, alone: int, batches: dict[int, int], calls: int, up: bool) -> None:
+            async def one(r: int) -> int:
+                return r
+
+            async def many(rs: list[int]) -> list[int]:
+                return rs
+
+            self.searches: Coalescer[int, int] = Coalescer(one, many)
+            self.searches.alone, self.searches.batches = alone, batches
+            self.channel_calls, self.channel_open = calls, up
+
+    registry = CollectorRegistry()
+    shards = [Backend(5, {3: 2, 7: 1}, 8, True), Backend(1, {}, 0, False), object()]
+    registry.register(ShardCallCollector(shards))
+    text = generate_latest(registry).decode()
+    assert _value(text, 'clipsearch_shard_search_calls_total{kind="alone",shard="0"}') == 5
+    assert _value(text, 'clipsearch_shard_search_calls_total{kind="batched",shard="0"}') == 3
+    assert _value(text, 'clipsearch_shard_search_batches_total{shard="0",size="7"}') == 1
+    assert _value(text, 'clipsearch_shard_channel_calls_total{shard="0"}') == 8
+    assert _value(text, 'clipsearch_shard_channel_open{shard="0"}') == 1
+    assert _value(text, 'clipsearch_shard_channel_open{shard="1"}') == 0
+    assert 'shard="2"' not in text  # a backend without the counters is skipped
+
+
+async def test_a_real_coalescer_counts_calls_alone_and_batched() -> None:
+    from gateway.coalesce import Coalescer
+
+    release = asyncio.Event()
+
+    async def one(r: int) -> int:
+        await release.wait()
+        return r
+
+    async def many(rs: list[int]) -> list[int]:
+        return rs
+
+    c: Coalescer[int, int] = Coalescer(one, many, max_in_flight=1)
+    calls = [asyncio.ensure_future(c.call(i)) for i in range(4)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*calls) == [0, 1, 2, 3]
+    assert c.alone == 1 and c.batches == {3: 1}
