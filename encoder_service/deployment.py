@@ -200,6 +200,21 @@ class EncoderDeployment:
         self._cache.put(key, vector)
         return vector
 
+    async def encode_many(
+        self, kind: str, items: Sequence[Any]
+    ) -> list[np.ndarray | BaseException]:
+        """Several items in one call (the gateway coalesces concurrent single-item calls):
+        `kind` "text" takes (text, options) pairs as `encode_text` does, "image" takes
+        encoded images as `encode_image` does. Each item joins its batch queue on its own;
+        one that fails answers with its error in its place and the others go on."""
+        if kind == "text":
+            coros = [self.encode_text(text, options) for text, options in items]
+        elif kind == "image":
+            coros = [self.encode_image(data) for data in items]
+        else:
+            raise InvalidArgument(f"unknown input kind {kind!r}; use 'text' or 'image'")
+        return list(await asyncio.gather(*coros, return_exceptions=True))
+
     async def info(self) -> dict[str, Any]:
         """What the model is: `{"model_id": str, "dim": int, "max_text_tokens": int}`."""
         return {
