@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 
-import numpy as np
 import pytest
 from PIL import Image
 
