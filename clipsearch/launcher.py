@@ -113,7 +113,9 @@ async def start_stack(settings: Settings) -> Stack:
     )
     shards = [RayShard(a, i) for i, a in enumerate(actors)]
     await asyncio.gather(*(s.connect() for s in shards))
-    coordinator = Coordinator(RayEncoder(handle, info["model_id"], info["dim"]), shards)
+    # Two coalesced calls out per replica keep each replica's batcher fed (gateway.coalesce).
+    encoder = RayEncoder(handle, info["model_id"], info["dim"], 2 * settings.encoder.replicas)
+    coordinator = Coordinator(encoder, shards)
     server, port, health = await create_server(coordinator, settings)
     stack = Stack(settings, port, server, health, coordinator, actors)
     stored = sum(s.documents for s in await coordinator.stats())
