@@ -113,8 +113,9 @@ async def start_stack(settings: Settings) -> Stack:
     )
     shards = [RayShard(a, i) for i, a in enumerate(actors)]
     await asyncio.gather(*(s.connect() for s in shards))
-    # Two coalesced calls out per replica keep each replica's batcher fed (gateway.coalesce).
-    encoder = RayEncoder(handle, info["model_id"], info["dim"], 2 * settings.encoder.replicas)
+    # Calls past what the replicas batch at once are coalesced (see RayEncoder).
+    batchable = 2 * settings.encoder.max_batch_size * settings.encoder.replicas
+    encoder = RayEncoder(handle, info["model_id"], info["dim"], batchable)
     coordinator = Coordinator(encoder, shards)
     server, port, health = await create_server(coordinator, settings)
     stack = Stack(settings, port, server, health, coordinator, actors)

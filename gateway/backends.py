@@ -116,12 +116,18 @@ def cancel_remote(awaitable: object) -> None:
 
 class RayEncoder:
     """The encoder Serve deployment behind a DeploymentHandle, one item per request so its
-    batcher can group items from many callers. Concurrent single-item calls share handle
-    calls (each costs ~1 ms of the gateway's CPU whatever it carries): at most
-    `max_in_flight` per input kind are out at once, and items arriving meanwhile travel
-    together in one `encode_many` call (gateway.coalesce); alone, an item goes at once."""
+    batcher can group items from many callers.
 
-    def __init__(self, handle: Any, model_id: str, dim: int, max_in_flight: int = 2) -> None:
+    Past `max_in_flight` handle calls out per input kind (set it to what the replicas can
+    batch at once: 2 x max_batch_size per replica), items wait and then travel together in
+    one `encode_many` call (gateway.coalesce): an overloaded gateway then spends its CPU on
+    a few handle calls (~1 ms each whatever they carry) instead of one per item. Below it
+    every item goes at once on its own. A lower limit is worse, measured: with 2, an item
+    arriving to a free slot went alone while the others waited at the gateway, so the
+    replica ran batches of 1 (served image throughput 0.95 -> 0.66 of raw).
+    """
+
+    def __init__(self, handle: Any, model_id: str, dim: int, max_in_flight: int = 16) -> None:
         self._handle = handle
         self.model_id = model_id
         self.dim = dim
