@@ -185,9 +185,14 @@ class EncoderDeployment:
         concurrent = encoder.concurrent_batches or (
             1 if self._encoder.device != "cpu" else min(2, self._threads)
         )
-        self._model_pool = ThreadPoolExecutor(
-            concurrent, thread_name_prefix="model", initializer=_raise_own_priority
-        )
+        # One single-thread executor per concurrent slot, and a batch takes the lowest free
+        # slot: at low load every forward runs on the same thread, whose OpenMP team is then
+        # the one already awake and warm (a shared pool would alternate between teams).
+        self._model_slots = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"model{n}", initializer=_raise_own_priority)
+            for n in range(concurrent)
+        ]
+        self._free_slots = list(range(concurrent))
         self._active_forwards = 0
         self._active_lock = threading.Lock()
         self._batcher = Batcher(
@@ -335,7 +340,15 @@ class EncoderDeployment:
             self._encoder.encode_tokens if queue == "text" else self._encoder.encode_pixels
         )
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._model_pool, self._timed, queue, forward, items)
+        # The Batcher runs at most `concurrent` batches at once, so a slot is always free.
+        slot = min(self._free_slots)
+        self._free_slots.remove(slot)
+        try:
+            vectors = await loop.run_in_executor(
+                self._model_slots[slot], self._timed, queue, forward, items
+            )
+        finally:
+            self._free_slots.append(slot)
         return list(vectors)
 
     def _timed(
