@@ -81,6 +81,10 @@ def init_ray(settings: Settings) -> str | None:
         _temp_dir=temp_dir,
         logging_level=logging.WARNING,
         log_to_driver=False,
+        # Ray starts workers at niceness 15, below the gateway and its own daemons. Here the
+        # workers are the server (encoder replica, shard actors): at 15 every nice-0 process
+        # preempts them mid-search or mid-forward. (A cluster sets RAY_worker_niceness=0.)
+        _system_config={"worker_niceness": 0},
     )
     return temp_dir
 
