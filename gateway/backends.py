@@ -181,6 +181,7 @@ class RayShard:
     searches share calls either way (see gateway.coalesce)."""
 
     RECONNECT_S = 1.0  # least time between attempts to (re)open the search channel
+    RECHECK_S = 60.0  # ... and between asking a shard without one (other node, turned off)
 
     def __init__(self, actor: Any, shard_id: int) -> None:
         self._actor = actor
@@ -261,7 +262,10 @@ class RayShard:
     async def _open_channel(self) -> None:
         address = await call_remote(self._actor.search_channel.remote(), self._what)
         if address is None or address[0] != ray.get_runtime_context().get_node_id():
-            self._channel = None  # off, or the shard runs on another node: actor calls
+            # Off, or the shard runs on another node: actor calls. Ask again now and then
+            # (a restarted actor may land here), not once a second.
+            self._channel = None
+            self._next_attempt = time.monotonic() + self.RECHECK_S
             return
         old, self._channel = self._channel, await ChannelClient.connect(address[1], self._what)
         if old is not None:

@@ -181,3 +181,47 @@ def test_the_channel_is_off_when_the_settings_say_so(tmp_path: Path) -> None:
         assert a._channel is None and a.search_channel() is None
     finally:
         a.close()
+
+
+class _Remote:
+    """An actor method whose `.remote()` returns an awaitable of `value` and counts calls."""
+
+    def __init__(self, value: object) -> None:
+        self.value, self.calls = value, 0
+
+    def remote(self, *args: object) -> object:
+        self.calls += 1
+
+        async def answer() -> object:
+            return self.value
+
+        return answer()
+
+
+async def test_a_shard_on_another_node_is_searched_by_actor_calls_and_not_asked_each_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from gateway.backends import RayShard
+
+    class Context:
+        def get_node_id(self) -> str:
+            return "this-node"
+
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    reply = wire.pack_hits(wire.unpack_hits((b"", (), True)))
+
+    class Actor:
+        search_channel = _Remote(("other-node", "\0nowhere"))
+        search_packed = _Remote(reply)
+
+    backend = RayShard(Actor(), 0)
+    assert not await backend.connect()
+    monkeypatch.setattr(RayShard, "RECONNECT_S", 0.0)
+    for _ in range(5):
+        hits = await backend.search(Modality.IMAGE, np.ones(DIM, dtype=np.float32), 5, None)
+        assert hits.exhausted
+        await asyncio.sleep(0)
+    assert Actor.search_packed.calls == 5 and backend.channel_calls == 0
+    assert Actor.search_channel.calls == 1  # asked once, not before RECHECK_S
