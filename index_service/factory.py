@@ -141,7 +141,9 @@ def build_index(
     """A trained index of `spec` holding `vectors` under `labels` (training on a sample).
 
     `ef_construction`: HNSW candidate list while linking (0 = Faiss's default, 40).
-    `skip`: sorted rows not to add (they may still be in the training sample).
+    `skip`: sorted rows not to add and not to train on (the tuner's held-out queries: a
+    query that trained the codebooks is encoded more faithfully than a new one, which made a
+    shallow re-rank look good enough for lossy codes on small data).
     """
     index = empty_index(spec, vectors.shape[1])
     if spec.family is Family.HNSW and ef_construction:
@@ -149,8 +151,11 @@ def build_index(
         hnsw.hnsw.efConstruction = ef_construction
     if spec.needs_training:
         rng = np.random.default_rng(seed)
-        take = spec.train_sample_size(len(vectors))
-        rows = np.sort(rng.choice(len(vectors), size=take, replace=False))
+        pool = np.arange(len(vectors))
+        if skip is not None and len(skip):
+            pool = np.setdiff1d(pool, skip, assume_unique=True)
+        take = spec.train_sample_size(len(pool))
+        rows = np.sort(rng.choice(pool, size=take, replace=False))
         index.train(np.ascontiguousarray(vectors[rows]))
     for start in range(0, len(vectors), _ADD_CHUNK):
         end = min(start + _ADD_CHUNK, len(vectors))
