@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,68 +49,61 @@ def _address(actor: ShardActor) -> str:
     return actor._channel.address
 
 
-async def test_channel_answers_what_the_actor_method_answers(actor: ShardActor) -> None:
-    client = await ChannelClient.connect(_address(actor), "shard 0")
-    try:
-        requests = [
-            _request(i, flt=SearchFilter((("g", "1"),), 3.0, 50.0) if i % 2 else None)
-            for i in range(6)
-        ]
-        got = await client.call(requests)
-        want = [actor.search_packed(r) for r in requests]
-        assert [wire.unpack_hits(g).records for g in got] == [
-            wire.unpack_hits(w).records for w in want
-        ]
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(
-                wire.unpack_hits(g).similarities, wire.unpack_hits(w).similarities
-            )
-        assert all(len(wire.unpack_hits(g).records) == 5 for g in got)
-        assert all(r.metadata["g"] == "1" for r in wire.unpack_hits(got[1]).records)
-    finally:
-        client.close()
+@pytest.fixture
+async def client(actor: ShardActor) -> AsyncIterator[ChannelClient]:
+    """The gateway's end of `actor`'s channel."""
+    c = await ChannelClient.connect(_address(actor), "shard 0")
+    yield c
+    c.close()
+
+
+async def test_channel_answers_what_the_actor_method_answers(
+    actor: ShardActor, client: ChannelClient
+) -> None:
+    requests = [
+        _request(i, flt=SearchFilter((("g", "1"),), 3.0, 50.0) if i % 2 else None) for i in range(6)
+    ]
+    got = await client.call(requests)
+    want = [actor.search_packed(r) for r in requests]
+    assert [wire.unpack_hits(g).records for g in got] == [wire.unpack_hits(w).records for w in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(
+            wire.unpack_hits(g).similarities, wire.unpack_hits(w).similarities
+        )
+    assert all(len(wire.unpack_hits(g).records) == 5 for g in got)
+    assert all(r.metadata["g"] == "1" for r in wire.unpack_hits(got[1]).records)
 
 
 async def test_an_item_past_its_deadline_fails_alone_with_its_own_error_class(
-    actor: ShardActor,
+    actor: ShardActor, client: ChannelClient
 ) -> None:
-    client = await ChannelClient.connect(_address(actor), "shard 0")
-    try:
-        late = _request(0, deadline=time.time() - 1)
-        live = _request(1, deadline=time.time() + 60)
-        answers = await client.call([live, late, live])
-        assert isinstance(answers[1], DeadlineExceeded)
-        assert "deadline" in str(answers[1])
-        assert len(wire.unpack_hits(answers[0]).records) == 5
-        assert answers[0] == answers[2]
-        assert actor.skipped() == 1
-    finally:
-        client.close()
+    late = _request(0, deadline=time.time() - 1)
+    live = _request(1, deadline=time.time() + 60)
+    answers = await client.call([live, late, live])
+    assert isinstance(answers[1], DeadlineExceeded)
+    assert "deadline" in str(answers[1])
+    assert len(wire.unpack_hits(answers[0]).records) == 5
+    assert answers[0] == answers[2]
+    assert actor.skipped() == 1
 
 
-async def test_many_concurrent_calls_each_get_their_own_answer(actor: ShardActor) -> None:
-    client = await ChannelClient.connect(_address(actor), "shard 0")
-    try:
-        requests = [_request(i) for i in range(50)]
-        got = await asyncio.gather(*(client.call([r]) for r in requests))
-        assert [g[0] for g in got] == [actor.search_packed(r) for r in requests]
-    finally:
-        client.close()
+async def test_many_concurrent_calls_each_get_their_own_answer(
+    actor: ShardActor, client: ChannelClient
+) -> None:
+    requests = [_request(i) for i in range(50)]
+    got = await asyncio.gather(*(client.call([r]) for r in requests))
+    assert [g[0] for g in got] == [actor.search_packed(r) for r in requests]
 
 
 async def test_a_caller_that_goes_away_does_not_shift_the_next_answer(
-    actor: ShardActor,
+    actor: ShardActor, client: ChannelClient
 ) -> None:
-    client = await ChannelClient.connect(_address(actor), "shard 0")
-    try:
-        first = asyncio.ensure_future(client.call([_request(0)]))
-        second = asyncio.ensure_future(client.call([_request(1)]))
-        await asyncio.sleep(0)
-        first.cancel()
-        assert (await second)[0] == actor.search_packed(_request(1))
-        assert (await client.call([_request(2)]))[0] == actor.search_packed(_request(2))
-    finally:
-        client.close()
+    first = asyncio.ensure_future(client.call([_request(0)]))
+    second = asyncio.ensure_future(client.call([_request(1)]))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second)[0] == actor.search_packed(_request(1))
+    assert (await client.call([_request(2)]))[0] == actor.search_packed(_request(2))
 
 
 async def test_a_handler_bug_fails_every_item_and_the_channel_keeps_serving() -> None:
