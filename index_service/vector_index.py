@@ -4,7 +4,10 @@ beside it, tombstones, and the background rebuild that trains the configured typ
 Locking: the shard's RWLock guards everything here. Writers hold it exclusively; searches
 hold it shared. A rebuild copies the raw vectors under the shared lock, trains and fills the
 new index with no lock held (searches and writes go on against the old index, and writes are
-journaled), then takes the exclusive lock to replay the journal into the new index and swap.
+journaled), replays the journal into the new index in rounds, still with no lock held, until
+at most CUTOVER_VECTORS remain, then takes the exclusive lock to replay that rest and swap.
+Replaying everything under the exclusive lock stalled every search for as long as the writes
+made during the build took to insert again (measured: 37 s for 90k vectors into HNSW32).
 
 Search guarantee (exact and IVF, and HNSW through its fallbacks): whenever at least k live
 vectors pass the filter, k are returned, and never a deleted or non-matching one:
@@ -51,6 +54,12 @@ EXACT_SCAN_MAX = 4096
 COMPACT_FRACTION = 0.25
 """HNSW is rebuilt without its tombstones once they exceed this share of its vectors."""
 COMPACT_MIN = 64
+CUTOVER_VECTORS = 256
+"""A rebuild swaps once at most this many journaled vectors are left to replay under the
+exclusive lock (an HNSW insert costs ~0.1-1 ms, so searches wait at most ~0.1 s)."""
+CATCH_UP_ROUNDS = 8
+"""Lock-free replay rounds before the swap replays whatever is left (writes arriving faster
+than the new index absorbs them would otherwise keep it from ever swapping)."""
 GROWTH_REBUILD = 2
 """An ANN index is retrained and retuned once its modality holds this many times the vectors
 it was built from (the tuned nprobe / re-rank depth fall short as lists grow)."""
@@ -284,9 +293,13 @@ class VectorIndex:
             new, op = self._build(vecs, labels)
             built_from = len(vecs)
             del vecs
+            dead: set[int] = set()
+            done = self._catch_up(new, dead)
             with self._lock.write():
                 if not self._closed:
-                    self._swap(new, op)
+                    assert self._journal is not None
+                    self._replay(new, self._journal[done:], dead)
+                    self._swap(new, op, dead)
                     self._built_from = built_from
                 self._journal = None
         except Exception:
@@ -313,17 +326,32 @@ class VectorIndex:
             new.add_with_ids(np.ascontiguousarray(vecs[held]), labels[held])
         return self._place(self.spec, new, vecs, labels), op
 
-    def _swap(self, new: Any, op: OperatingPoint | None) -> None:
-        """Replay writes made during the build into `new`, then make it the active index."""
-        assert self._journal is not None
-        dead: set[int] = set()
-        for labels, vectors in self._journal:
+    def _catch_up(self, new: Any, dead: set[int]) -> int:
+        """Replay the journal into the private `new` index with no lock held, round after
+        round, until little is left for the swap; returns how many entries were replayed."""
+        done = 0
+        for _ in range(CATCH_UP_ROUNDS):
+            with self._lock.read():  # writers append under the exclusive lock
+                assert self._journal is not None
+                pending = self._journal[done:]
+            if self._closed or _journal_vectors(pending) <= CUTOVER_VECTORS:
+                break
+            self._replay(new, pending, dead)
+            done += len(pending)
+        return done
+
+    def _replay(self, new: Any, entries: Journal, dead: set[int]) -> None:
+        """Apply journaled writes to `new`, in order; deletes it cannot make become `dead`."""
+        for labels, vectors in entries:
             if vectors is not None:
                 new.add_with_ids(vectors, labels)
             elif self._removable(new):
                 new.remove_ids(faiss.IDSelectorBatch(labels))
             else:
                 dead.update(labels.tolist())
+
+    def _swap(self, new: Any, op: OperatingPoint | None, dead: set[int]) -> None:
+        """Make `new`, with every journaled write replayed, the active index."""
         self._active, self._active_spec, self._op = new, self.spec, op
         self._dead, self._dead_sel, self._mapped = dead, None, False
         log.info("%s index is now %s (%d vectors)", self.modality, self.spec.factory, len(self))
@@ -383,6 +411,10 @@ class VectorIndex:
         top = np.argpartition(-sims, want - 1)[:want] if want < len(sims) else np.arange(len(sims))
         top = top[np.argsort(-sims[top], kind="stable")]
         return sims[top].astype(np.float32), labels[top]
+
+
+def _journal_vectors(entries: Journal) -> int:
+    return sum(len(labels) for labels, vectors in entries if vectors is not None)
 
 
 def shard_factory(settings: IndexSettings) -> str:

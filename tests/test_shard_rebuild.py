@@ -12,7 +12,7 @@ import pytest
 import index_service.vector_index as vector_index
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchParams
 from index_service.shard import Shard
-from tests.index_fixtures import DIM, clustered, settings
+from tests.index_fixtures import DIM, clustered, docs, settings
 
 _SLOW_BUILD_S = 0.8
 
@@ -95,4 +95,53 @@ def test_writes_during_rebuild_survive_the_swap(factory: str, slow_build: thread
     for doc_id in deleted:
         found = shard.search(Modality.IMAGE, vecs[int(doc_id[1:])], 20, params=exhaustive)
         assert doc_id not in {h.id for h in found.records}
+    shard.close()
+
+
+def test_searches_and_writes_go_on_while_the_rebuild_replays_its_journal(
+    monkeypatch: pytest.MonkeyPatch, slow_build: threading.Event
+) -> None:
+    """Writes made during a build are replayed into the new index before the swap; all but
+    the last few hundred are replayed with no lock held, so neither searches nor writes wait
+    for them (an HNSW insert is slow: 90k of them under the exclusive lock stalled searches
+    for 37 s)."""
+    vecs = clustered(3200, seed=5)
+    replaying, release = threading.Event(), threading.Event()
+    real_replay = vector_index.VectorIndex._replay
+
+    def replay(self, new, entries, dead):  # type: ignore[no-untyped-def]
+        if not replaying.is_set():  # the first round: hold it until the test has looked
+            replaying.set()
+            release.wait(60)
+        real_replay(self, new, entries, dead)
+
+    monkeypatch.setattr(vector_index.VectorIndex, "_replay", replay)
+    shard = Shard(0, DIM, settings("HNSW16", train_min=800))
+    shard.upsert(docs(vecs[:1000]))  # past the training floor: the build starts
+    assert slow_build.wait(10)
+    shard.upsert(docs(vecs[1000:3000], start=1000))  # journaled: 2000 > CUTOVER_VECTORS
+    assert replaying.wait(60)
+
+    found: list[str] = []
+    wrote: list[int] = []
+
+    def search_and_write() -> None:
+        found.append(shard.search(Modality.IMAGE, vecs[2500], 1).records[0].id)
+        shard.upsert(docs(vecs[3000:], start=3000))
+        wrote.append(len(shard))
+
+    other = threading.Thread(target=search_and_write)
+    other.start()
+    other.join(30)
+    release.set()
+    assert found == ["d2500"], "a search waited for the rebuild's journal replay"
+    assert wrote == [3200], "a write waited for the rebuild's journal replay"
+
+    assert shard.wait_for_rebuilds(120)
+    stats = shard.stats().indexes[0]
+    assert stats.active_type == "HNSW16" and stats.vectors == 3200
+    deep = SearchParams(ef_search=512)
+    for row in range(0, 3200, 7):  # before, during and after the replay rounds
+        hits = shard.search(Modality.IMAGE, vecs[row], 3, params=deep)
+        assert hits.records[0].id == f"d{row}"
     shard.close()
