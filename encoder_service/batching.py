@@ -8,7 +8,12 @@ limit of 8, on a CPU where one forward takes 0.5 s).
 
 Here a batch is taken from the queue only when the model is free. Requests that arrive
 during a forward wait in the queue, so the next batch holds all of them (up to the limit).
-On an idle model the first request still waits at most `wait_s` for company.
+On an idle model the oldest request waits at most `wait_s` for company, and only when company
+is likely: a request that arrived more than `wait_s` after the one before it in its queue
+(a caller at low load, the first of a burst) starts at once. At the rate seen last, less
+than one more request would arrive within `wait_s`, so waiting would add `wait_s` to its
+latency and buy nothing; the first of a burst runs alone and the rest of the burst, arriving
+during its forward, forms full batches behind it.
 
 One scheduler serves several named queues (text, images) over one model: when the model
 frees up, the queue whose oldest request has waited longest goes next, so neither modality
@@ -36,6 +41,7 @@ class _Pending(Generic[T]):
     item: T
     future: asyncio.Future[Any]
     arrived: float = field(default_factory=time.monotonic)
+    after_quiet: bool = False  # arrived over wait_s after the previous one in its queue
 
 
 class Batcher:
@@ -64,6 +70,7 @@ class Batcher:
         self._run = run
         self._queues: dict[str, deque[_Pending[Any]]] = {name: deque() for name in queues}
         self._sizes: dict[str, Counter[int]] = {name: Counter() for name in queues}
+        self._last_arrival: dict[str, float] = {name: -float("inf") for name in queues}
         self._max_batch_size = max_batch_size
         self._wait_s = wait_s
         self._arrived = asyncio.Event()
@@ -85,7 +92,10 @@ class Batcher:
         elif self._task.done():
             raise RuntimeError("the batch scheduler has stopped")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queues[queue].append(_Pending(item, future))
+        pending = _Pending(item, future)
+        pending.after_quiet = pending.arrived - self._last_arrival[queue] > self._wait_s
+        self._last_arrival[queue] = pending.arrived
+        self._queues[queue].append(pending)
         self._arrived.set()
         return await future
 
@@ -134,13 +144,16 @@ class Batcher:
 
     async def _collect(self, name: str) -> list[_Pending[Any]]:
         """Up to max_batch_size items of one queue. On an idle model, wait while the batch is
-        not full and its oldest item has waited less than wait_s; while another batch runs,
-        start this one only once it is full (or the other is done), so concurrent slots run
-        full batches instead of splitting the queue into small ones."""
+        not full and its oldest item has waited less than wait_s, unless that item came after
+        a quiet spell (see the module docstring); while another batch runs, start this one
+        only once it is full (or the other is done), so concurrent slots run full batches
+        instead of splitting the queue into small ones."""
         queue = self._queues[name]
         while queue and len(queue) < self._max_batch_size:
             left: float | None = None
             if not self._running:
+                if queue[0].after_quiet:
+                    break
                 left = queue[0].arrived + self._wait_s - time.monotonic()
                 if left <= 0:
                     break

@@ -35,6 +35,7 @@ from encoder_service.batching import Batcher
 from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder, ImageInput
+from encoder_service.phases import PhaseLog, PhaseTimes
 from encoder_service.text import apply_template, check_template
 
 DECODE_WORKERS = 2
@@ -56,6 +57,8 @@ forward measured 107-138 ms in the replica vs 86-95 ms in-process."""
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Ran = tuple[np.ndarray, float, float, int]
+"""One item's batch result: its vector, the forward's start and end (perf_counter), batch size."""
 
 
 def raise_thread_priority(niceness: int = REPLICA_NICENESS) -> bool:
@@ -204,6 +207,7 @@ class EncoderDeployment:
         )
         self._forward_starts: dict[int, float] = {}  # model thread -> its forward's start
         self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
+        self._phases = PhaseLog(("text", "image"))
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
 
     async def encode_text(self, text: str, options: TextOptions | None = None) -> np.ndarray:
@@ -220,6 +224,7 @@ class EncoderDeployment:
             InvalidArgument: The text is not a string, empty/whitespace, or over the limit;
                 the template lacks exactly one "{}"; or the text is too long under `reject`.
         """
+        start = time.perf_counter()
         _check_text(text, self._limits.max_text_bytes)
         template, long_text = self._text_options(options)
         templated = apply_template(template, text)
@@ -231,7 +236,7 @@ class EncoderDeployment:
         # Tokenising one bounded text takes well under a millisecond: cheaper inline than
         # a hop through a worker thread.
         rows = self._encoder.prepare_text(templated, long_text, stride)
-        vector = await self._batcher.submit("text", rows)
+        vector = await self._embed("text", rows, start)
         self._cache.put(key, vector)
         return vector
 
@@ -244,13 +249,14 @@ class EncoderDeployment:
         Raises:
             InvalidArgument: The bytes are not an acceptable image (see `decode_image`).
         """
+        start = time.perf_counter()
         loop = asyncio.get_running_loop()
         # Hashing and decoding before the queue, in workers: a bad image fails alone, and
         # the model thread only ever sees ready pixels.
         key, found = await loop.run_in_executor(self._decode_pool, self._lookup_image, data)
         if isinstance(found, np.ndarray):
             return found
-        vector = await self._batcher.submit("image", found)
+        vector = await self._embed("image", found, start)
         self._cache.put(key, vector)
         return vector
 
@@ -307,6 +313,11 @@ class EncoderDeployment:
         """Requests waiting for the model in each queue (`text`, `image`) right now."""
         return self._batcher.depths()
 
+    async def phase_times(self, queue: str) -> list[PhaseTimes]:
+        """Where the latest requests of `queue` ("text" or "image") spent their time here,
+        oldest first (see encoder_service.phases)."""
+        return self._phases.recent(queue)
+
     async def forward_seconds(self) -> dict[str, float]:
         """Seconds the model thread has spent in forwards, per queue (busy-time probe)."""
         return dict(self._forward_seconds)
@@ -334,8 +345,23 @@ class EncoderDeployment:
         if not self._batcher.alive():
             raise RuntimeError("the batch scheduler has stopped")
 
-    async def _run_batch(self, queue: str, items: list[Any]) -> list[np.ndarray]:
-        """Run one batch in the model thread; one output row per input item."""
+    async def _embed(self, queue: str, item: Any, start: float) -> np.ndarray:
+        """Queue one prepared item for its batch and log where its time went."""
+        prepared = time.perf_counter()
+        vector, ran_from, ran_to, size = await self._batcher.submit(queue, item)
+        times = PhaseTimes(
+            prepare_s=prepared - start,
+            queue_s=ran_from - prepared,
+            forward_s=ran_to - ran_from,
+            return_s=time.perf_counter() - ran_to,
+            batch_size=size,
+        )
+        self._phases.add(queue, times)
+        return vector
+
+    async def _run_batch(self, queue: str, items: list[Any]) -> list[_Ran]:
+        """Run one batch in the model thread; one (vector, forward start, forward end,
+        batch size) per input item."""
         forward: Callable[[Sequence[Any]], np.ndarray] = (
             self._encoder.encode_tokens if queue == "text" else self._encoder.encode_pixels
         )
@@ -344,18 +370,19 @@ class EncoderDeployment:
         slot = min(self._free_slots)
         self._free_slots.remove(slot)
         try:
-            vectors = await loop.run_in_executor(
+            vectors, ran_from, ran_to = await loop.run_in_executor(
                 self._model_slots[slot], self._timed, queue, forward, items
             )
         finally:
             self._free_slots.append(slot)
-        return list(vectors)
+        return [(vector, ran_from, ran_to, len(items)) for vector in vectors]
 
     def _timed(
         self, queue: str, forward: Callable[[Sequence[T]], np.ndarray], items: list[T]
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, float, float]:
         """Run a forward in a model thread, with its share of the torch threads, recording
-        its start so check_health can spot a hang.
+        its start so check_health can spot a hang. Returns the output rows and the
+        forward's start and end (`time.perf_counter`).
 
         A forward that runs alone gets every thread (lowest latency at low load); while
         others run, a forward gets `threads // running` (at least 1), so concurrent batches
@@ -365,13 +392,15 @@ class EncoderDeployment:
             self._active_forwards += 1
             torch.set_num_threads(max(1, self._threads // self._active_forwards))
         started = self._forward_starts[threading.get_ident()] = time.monotonic()
+        ran_from = time.perf_counter()
         try:
-            return forward(items)
+            vectors = forward(items)
         finally:
             del self._forward_starts[threading.get_ident()]
             with self._active_lock:
                 self._active_forwards -= 1
                 self._forward_seconds[queue] += time.monotonic() - started
+        return vectors, ran_from, time.perf_counter()
 
     def _lookup_image(self, data: bytes) -> tuple[bytes, np.ndarray | ImageInput]:
         """The cache key and either the cached vector or the prepared pixels (in a worker)."""

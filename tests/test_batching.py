@@ -65,6 +65,33 @@ async def test_idle_model_waits_for_company_then_runs_a_partial_batch() -> None:
     assert model.batches == [("text", [0, 1, 2])]
 
 
+async def test_a_request_after_a_quiet_spell_runs_at_once() -> None:
+    # wait_s is an hour: a lone request that waited for company would never finish here.
+    model = GatedModel()
+    model.gate.set()
+    batcher = Batcher(model, ("text", "image"), max_batch_size=8, wait_s=3600.0)
+    assert await asyncio.wait_for(batcher.submit("text", 0), timeout=30) == "text:0"
+    # Another queue's recent traffic is no company for this one.
+    assert await asyncio.wait_for(batcher.submit("image", 1), timeout=30) == "image:1"
+    assert model.batches == [("text", [0]), ("image", [1])]
+
+
+async def test_a_request_close_behind_another_waits_for_company() -> None:
+    model = GatedModel()
+    model.gate.set()
+    batcher = Batcher(model, ("text",), max_batch_size=2, wait_s=3600.0)
+    assert await batcher.submit("text", 0) == "text:0"  # after a quiet spell: alone, at once
+    # The model is idle again, but 1 arrives well within wait_s of 0: it waits for 2.
+    second = asyncio.ensure_future(batcher.submit("text", 1))
+    await _until(lambda: batcher.depths() == {"text": 1})
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not second.done()
+    third = batcher.submit("text", 2)
+    assert await asyncio.gather(second, third) == ["text:1", "text:2"]
+    assert model.batches == [("text", [0]), ("text", [1, 2])]
+
+
 async def test_the_queue_with_the_oldest_request_goes_next() -> None:
     model = GatedModel()
     batcher = Batcher(model, ("text", "image"), max_batch_size=4, wait_s=0.0)

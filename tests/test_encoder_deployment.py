@@ -35,6 +35,7 @@ from encoder_service.deployment import (
 )
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
+from encoder_service.phases import RECENT, PhaseLog, PhaseTimes
 from tests.encoder_fixtures import make_tiny_clip
 
 APP = "enc-test"
@@ -355,6 +356,29 @@ def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_
     assert got.replicas == 1
     assert sum(got.batch_sizes["text"].values()) >= 1
     assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}
+
+
+@integration
+def test_phase_times_account_for_each_embedded_item(handle: DeploymentHandle) -> None:
+    before = len(handle.phase_times.remote("image").result(timeout_s=RESULT_TIMEOUT_S))
+    handle.encode_image.remote(png((7, 77, 177))).result(timeout_s=RESULT_TIMEOUT_S)
+    handle.encode_text.remote("where did the time go").result(timeout_s=RESULT_TIMEOUT_S)
+    images = handle.phase_times.remote("image").result(timeout_s=RESULT_TIMEOUT_S)
+    texts = handle.phase_times.remote("text").result(timeout_s=RESULT_TIMEOUT_S)
+    assert len(images) == min(before + 1, RECENT)
+    for times in (images[-1], texts[-1]):
+        assert times.batch_size == 1
+        assert times.forward_s > 0
+        assert min(times.prepare_s, times.queue_s, times.return_s) >= 0
+        assert times.total_s >= times.forward_s
+
+
+def test_phase_log_keeps_the_latest_records_per_queue() -> None:
+    log = PhaseLog(("text", "image"), keep=3)
+    for n in range(5):
+        log.add("text", PhaseTimes(0.0, 0.0, float(n), 0.0, 1))
+    assert [t.forward_s for t in log.recent("text")] == [2.0, 3.0, 4.0]
+    assert log.recent("image") == []
 
 
 def test_default_torch_threads_share_the_cores_among_replicas() -> None:
