@@ -13,6 +13,16 @@ this machine and in this run:
               batch_wait_timeout_s + 3 ms
   cosine      min cosine of the served vectors to raw fp32 get_*_features on the same inputs
 
+A second table splits the low-load p50 into its parts, all from the same low-load calls:
+the replica's own record of each call (`EncoderDeployment.phase_times`: prepare = hash +
+decode + preprocess for images, tokenise for text; queue = batch wait + hop to the model
+thread; forward; return hop), the same kind of calls made straight on the Serve handle, and
+decode and preprocess of one image timed in this process. Handle overhead = median over
+handle calls of (call latency - the replica's total for that call); gateway + gRPC = the
+same median over gRPC calls minus the handle overhead. The gRPC client runs in the
+gateway's process and event loop, so its own work counts as gateway here. The gateway's
+health canary is turned off (it would put a text forward every 5 s into the measurements).
+
 Usage: PYTHONPATH=. python bench/encoder.py [--dtypes fp32,bf16,int8] [--batch 8]
          [--threads N] [--seconds 5] [--rounds 2]
 """
@@ -49,6 +59,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from clipsearch.launcher import init_ray  # noqa: E402
 from clipsearch.settings import load_settings  # noqa: E402
 from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
+from encoder_service.images import decode_image  # noqa: E402
 from encoder_service.model import resolve_model  # noqa: E402
 
 CONCURRENCY = 16
@@ -180,6 +191,12 @@ class Served:
         reply = await self.stub.EncodeText(encoder_pb2.EncodeTextRequest(texts=[text]))
         return np.asarray(reply.embeddings[0].values, dtype=np.float32)
 
+    async def handle_image(self, data: bytes) -> np.ndarray:
+        return await self.handle.encode_image.remote(data)  # type: ignore[no-any-return]
+
+    async def handle_text(self, text: str) -> np.ndarray:
+        return await self.handle.encode_text.remote(text)  # type: ignore[no-any-return]
+
 
 def encoder_settings(directory: Path, dtype: str, batch: int, threads: int) -> dict[str, Any]:
     return {
@@ -238,15 +255,46 @@ async def served_throughput(
     return done / (time.perf_counter() - start)
 
 
-async def served_latency(call: Callable[[Any], Awaitable[object]], inputs: list[Any]) -> float:
-    """Median seconds of one call at a time."""
+async def served_latency(
+    call: Callable[[Any], Awaitable[object]], inputs: list[Any]
+) -> list[float]:
+    """Seconds of each call, one at a time (the first input is a warm-up, not counted)."""
     await call(inputs[0])
     samples = []
     for item in inputs[1:]:
         start = time.perf_counter()
         await call(item)
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
+
+
+async def replica_split(served: Served, queue: str, samples: list[float]) -> dict[str, float]:
+    """Medians of the replica's phase times over the items of the last `samples` calls, and
+    the median of each call's time outside the replica (its latency minus the replica's
+    total for that very call: the forward's own noise cancels out)."""
+    times = (await served.handle.phase_times.remote(queue))[-len(samples) :]
+    split = {
+        phase: statistics.median(getattr(t, phase) for t in times)
+        for phase in ("prepare_s", "queue_s", "forward_s", "return_s", "total_s")
+    }
+    split["outside_s"] = statistics.median(
+        s - t.total_s for s, t in zip(samples, times, strict=True)
+    )
+    split["batch_size"] = max(t.batch_size for t in times)
+    return split
+
+
+def intake_seconds(raw: Raw, images: list[bytes]) -> tuple[float, float]:
+    """Median seconds to decode one image (the served checks included) and to preprocess it."""
+    decode, preprocess = [], []
+    for data in images:
+        start = time.perf_counter()
+        image = decode_image(data, max_bytes=1 << 26, max_pixels=1 << 26)
+        middle = time.perf_counter()
+        raw.processor(images=[image], return_tensors="pt")
+        decode.append(middle - start)
+        preprocess.append(time.perf_counter() - middle)
+    return statistics.median(decode), statistics.median(preprocess)
 
 
 # --- one precision ------------------------------------------------------------------------
@@ -256,6 +304,7 @@ async def served_latency(call: Callable[[Any], Awaitable[object]], inputs: list[
 class Row:
     dtype: str
     figures: dict[str, float]
+    split: dict[str, dict[str, float]]  # "img" / "txt" -> low-load parts (seconds)
 
 
 async def measure(
@@ -271,16 +320,35 @@ async def measure(
     pixels_b, tokens_b = raw.pixels(images[:b]), raw.tokens(texts[:b])
     pixels_1, tokens_1 = raw.pixels(images[:1]), raw.tokens(texts[:1])
     settings = load_settings(
-        gateway={"port": 0},
+        gateway={"port": 0, "health_interval_s": 3600.0},
         demo_corpus=0,
         encoder=encoder_settings(directory, dtype, b, args.threads),
     )
     served = await start_served(settings)
     f: dict[str, float] = {}
+    split: dict[str, dict[str, float]] = {}
 
-    def best(name: str, value: float, smaller: bool = False) -> None:
+    def best(name: str, value: float, smaller: bool = False) -> bool:
         old = f.get(name)
         f[name] = value if old is None else (min if smaller else max)(old, value)
+        return f[name] == value
+
+    async def low_load(kind: str, inputs: list[Any], via_handle: list[Any]) -> None:
+        """Low-load p50 through gRPC and its split; the round with the best p50 is kept."""
+        grpc_call, handle_call = (
+            (served.image, served.handle_image)
+            if kind == "img"
+            else (served.text, served.handle_text)
+        )
+        queue = "image" if kind == "img" else "text"
+        samples = await served_latency(grpc_call, inputs)
+        parts = await replica_split(served, queue, samples)
+        via = await served_latency(handle_call, via_handle)
+        parts["handle_p50"] = statistics.median(via)
+        parts["handle_outside_s"] = (await replica_split(served, queue, via))["outside_s"]
+        parts["grpc_p50"] = statistics.median(samples)
+        if best(f"lat_{kind}", parts["grpc_p50"], True):
+            split[kind] = parts
 
     try:
         for _ in range(args.rounds):
@@ -289,9 +357,12 @@ async def measure(
             best("raw_txt", raw_throughput(lambda: raw.text_features(tokens_b), b, sec / 2))
             best("srv_txt", await served_throughput(served.text, texts, sec / 2))
             best("raw_img_1", raw_latency(lambda: raw.image_features(pixels_1)), True)
-            best("lat_img", await served_latency(served.image, images[:21]), True)
+            await low_load("img", images[:21], images[21:42])
             best("raw_txt_1", raw_latency(lambda: raw.text_features(tokens_1)), True)
-            best("lat_txt", await served_latency(served.text, texts[:31]), True)
+            await low_load("txt", texts[:31], texts[31:62])
+            decode_s, preprocess_s = intake_seconds(raw, images[:21])
+            best("decode_1", decode_s, True)
+            best("preprocess_1", preprocess_s, True)
         stats = await served.handle.batch_stats.remote()
         f["max_batch_img"] = max(stats["image"])
         f["max_batch_txt"] = max(stats["text"])
@@ -310,7 +381,7 @@ async def measure(
 
         await asyncio.to_thread(serve.delete, "bench-encoder")
     f["wait_ms"] = settings.encoder.batch_wait_timeout_s * 1000
-    return Row(dtype, f)
+    return Row(dtype, f, split)
 
 
 def fp32_oracle(directory: Path) -> dict[str, np.ndarray]:
@@ -358,6 +429,31 @@ def table(rows: list[Row], batch: int) -> str:
     return "\n".join(lines)
 
 
+def split_table(rows: list[Row]) -> str:
+    """The low-load p50 taken apart, in ms (see the module docstring)."""
+    lines = [
+        "| dtype, input | gRPC p50 | handle p50 | replica total | prepare | queue wait "
+        "| forward in replica / raw | return hop | handle overhead | gateway + gRPC |",
+        "|" + "---|" * 10,
+    ]
+    for row in rows:
+        f = row.figures
+        for kind, raw_key, name in (("img", "raw_img_1", "image"), ("txt", "raw_txt_1", "text")):
+            p = {k: v * 1000 for k, v in row.split[kind].items() if k != "batch_size"}
+            prepare = f"{p['prepare_s']:.1f}"
+            if kind == "img":
+                prepare += (
+                    f" (decode {f['decode_1'] * 1000:.1f} + pre {f['preprocess_1'] * 1000:.1f})"
+                )
+            lines.append(
+                f"| {row.dtype}, {name} | {p['grpc_p50']:.1f} | {p['handle_p50']:.1f} "
+                f"| {p['total_s']:.1f} | {prepare} | {p['queue_s']:.1f} "
+                f"| {p['forward_s']:.1f} / {f[raw_key] * 1000:.1f} | {p['return_s']:.1f} "
+                f"| {p['handle_outside_s']:.1f} | {p['outside_s'] - p['handle_outside_s']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 async def run(args: argparse.Namespace) -> list[Row]:
     from ray import serve
 
@@ -371,6 +467,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for dtype in args.dtypes.split(","):
             rows.append(await measure(directory, dtype, args, oracle))
             print(table(rows[-1:], args.batch).splitlines()[2], flush=True)
+            print(split_table(rows[-1:]), flush=True)
         return rows
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -396,6 +493,8 @@ def main() -> None:
             shutil.rmtree(ray_temp, ignore_errors=True)
     print()
     print(table(rows, args.batch))
+    print()
+    print(split_table(rows))
 
 
 if __name__ == "__main__":
