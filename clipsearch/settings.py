@@ -130,6 +130,16 @@ class IndexSettings(_Group):
         "Unix socket (Linux; same user only) instead of a Ray actor call: about 1.5 ms less "
         "per search. Writes and everything else still go through Ray; off = Ray calls only.",
     )
+    build_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Threads a background rebuild (training, filling, tuning) gives Faiss; "
+        "0 = the CPUs this process may use minus one, at least 1, leaving a core to the "
+        "searches that go on meanwhile. Searches always run single-threaded: one query gains "
+        "nothing from a thread team, and a team stalls at every barrier while one of its "
+        "threads is descheduled (measured on 2 busy cores: p90 8 ms vs 0.3 ms per search).",
+    )
     use_gpu: bool = Field(
         False, description="Move exact and IVF indexes to the GPU (needs faiss-gpu and a GPU)."
     )

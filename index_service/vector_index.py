@@ -20,6 +20,7 @@ vectors pass the filter, k are returned, and never a deleted or non-matching one
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,6 +49,24 @@ from index_service.tuner import held_out_rows, tune
 from index_service.vectors import VectorStore
 
 log = logging.getLogger("clipsearch.index")
+
+_thread = threading.local()  # the Faiss (OpenMP) team size this thread last set
+
+
+def faiss_threads(n: int) -> None:
+    """Give Faiss calls made from this thread `n` OpenMP threads (libgomp keeps the setting
+    per thread, so searches and a concurrent rebuild each keep theirs)."""
+    if getattr(_thread, "omp", None) != n:
+        faiss.omp_set_num_threads(n)
+        _thread.omp = n
+
+
+def build_threads(settings: IndexSettings) -> int:
+    """`index.build_threads`, with 0 resolved to the CPUs this process may use minus one."""
+    if settings.build_threads:
+        return settings.build_threads
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
 
 EXACT_SCAN_MAX = 4096
 """Filtered searches with at most this many candidates scan them exactly."""
@@ -151,6 +170,7 @@ class VectorIndex:
         want = min(k, n)
         if want <= 0:
             return _EMPTY
+        faiss_threads(1)
         q = query.reshape(1, -1)
         if allowed is not None and self._store is not None:
             if len(allowed) <= EXACT_SCAN_MAX or self._gpu:
@@ -285,6 +305,7 @@ class VectorIndex:
         return len(self._dead) >= max(COMPACT_MIN, COMPACT_FRACTION * total)
 
     def _rebuild(self) -> None:
+        faiss_threads(build_threads(self._settings))
         try:
             with self._lock.read():
                 assert self._store is not None
