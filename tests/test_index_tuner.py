@@ -86,3 +86,24 @@ def test_index_is_retuned_once_it_has_doubled() -> None:
     assert shard.wait_for_rebuilds(60)
     assert shard.stats().indexes[0].operating_point is not first.operating_point
     shard.close()
+
+
+def test_lossy_rerank_depth_grows_with_the_index_until_it_is_retuned() -> None:
+    """Between retunings the probed lists fill up with codes competing for the same k x
+    factor candidate places; the default depth grows with them, so recall holds."""
+    shard = built("IVF16,PQ8x4fs", _data[:2000], train_min=2000, target_recall=0.9)
+    op = shard.stats().indexes[0].operating_point
+    assert op is not None and op.rerank > 0
+    index = shard._indexes[Modality.IMAGE]
+    assert index.default_params().rerank == op.rerank
+    shard.upsert(docs(_data[2000:3600], start=2000))  # 1.8x: no retune yet
+    assert shard.wait_for_rebuilds(60)
+    assert shard.stats().indexes[0].operating_point is op
+    assert index.default_params().rerank == min(64, -(-op.rerank * 3600 // 2000))
+    writes = docs(_data[:3600])
+    got = [
+        recall([r.id for r in shard.search(Modality.IMAGE, q, 10).records], brute(writes, q, 10))
+        for q in _data[N:]
+    ]
+    assert np.mean(got) >= 0.85
+    shard.close()

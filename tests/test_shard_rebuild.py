@@ -145,3 +145,30 @@ def test_searches_and_writes_go_on_while_the_rebuild_replays_its_journal(
         hits = shard.search(Modality.IMAGE, vecs[row], 3, params=deep)
         assert hits.records[0].id == f"d{row}"
     shard.close()
+
+
+def test_a_rebuild_that_ends_past_its_retraining_size_rebuilds_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bulk load outruns the first build: when it swaps in, the shard already holds over
+    twice what it was trained and tuned on, and no further write may come to notice."""
+    sizes: list[int] = []
+    real = vector_index.build_index
+    gate = threading.Event()
+
+    def build(spec, vecs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(vecs))
+        gate.wait(30)  # the first build waits for the rest of the load
+        return real(spec, vecs, *args, **kwargs)
+
+    monkeypatch.setattr(vector_index, "build_index", build)
+    vecs = clustered(3000, seed=6)
+    shard = Shard(0, DIM, settings("IVF32,Flat", train_min=800))
+    shard.upsert(docs(vecs[:1000]))
+    shard.upsert(docs(vecs[1000:], start=1000))  # during the first build
+    gate.set()
+    assert shard.wait_for_rebuilds(60)
+    assert sizes == [1000, 3000]
+    stats = shard.stats().indexes[0]
+    assert stats.active_type == "IVF32,Flat" and stats.vectors == 3000
+    shard.close()
