@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -424,18 +425,25 @@ class VectorIndex:
             min(params.rerank, MAX_RERANK) or base.rerank,
         )
 
-    def _escalation(self, sp: SearchParams, k: int) -> list[SearchParams]:
-        """The requested setting, then wider ones that make a short answer less likely."""
+    def _escalation(self, sp: SearchParams, k: int) -> Iterator[SearchParams]:
+        """The requested setting, then wider ones that make a short answer less likely
+        (built only when the previous one came back short: almost never)."""
         family = self._active_spec.family
         if family is Family.IVF:
             top = self._active_spec.nlist
-            steps = [min(sp.nprobe, top), min(4 * sp.nprobe, top), top]
-            return [replace(sp, nprobe=p) for p in dict.fromkeys(steps)]
-        if family is Family.HNSW:
+            first = min(sp.nprobe, top)
+            yield sp if first == sp.nprobe else replace(sp, nprobe=first)
+            for p in dict.fromkeys((min(4 * sp.nprobe, top), top)):
+                if p > first:
+                    yield replace(sp, nprobe=p)
+        elif family is Family.HNSW:
             ef = max(sp.ef_search, k)
-            steps = [ef, min(4 * ef, MAX_EF_SEARCH), MAX_EF_SEARCH]
-            return [replace(sp, ef_search=e) for e in dict.fromkeys(steps) if e >= ef]
-        return [sp]
+            yield sp if ef == sp.ef_search else replace(sp, ef_search=ef)
+            for e in dict.fromkeys((min(4 * ef, MAX_EF_SEARCH), MAX_EF_SEARCH)):
+                if e > ef:
+                    yield replace(sp, ef_search=e)
+        else:
+            yield sp
 
     def _selector(self, allowed: np.ndarray | None) -> Any:
         """An ID selector admitting `allowed` (or everything but tombstones); None = all."""
