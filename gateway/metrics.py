@@ -14,19 +14,91 @@ Each gateway owns a registry (so tests can run several). Names:
   `image`), when the encoder deployment offers `queue_depths()`
 
 Encoder figures are one replica's view (the one that answered), refreshed with health.
-Label children of the per-RPC metrics are cached: looking one up takes a lock and builds a
-tuple, which adds up at thousands of calls per second.
+The per-call series (RPC count and latency, stage latencies) are plain lists the event loop
+adds to and a collector turns into Prometheus families at scrape time: a prometheus_client
+Histogram takes a lock twice per observation (sum and bucket), 8 observations a Search.
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+class LoopHistograms(Collector):
+    """Histograms (and, optionally, a counter of the same observations) by label values,
+    written only by the event loop without a lock and read by the scrape thread.
+
+    Each label set's series is one list, `[bucket counts..., +Inf count, sum]`; the scrape
+    copies it in one C call, so the buckets it reports are consistent with each other (the
+    sum may lag one observation behind, never more).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        counter: tuple[str, str] | None = None,
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = buckets
+        self._les = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        self._counter = counter  # (name, documentation) of a counter of the same calls
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def series_for(self, *label_values: str) -> list[float]:
+        """The list to add observations to (see `observe`), made on first use."""
+        series = self.series.get(label_values)
+        if series is None:
+            self._created[label_values] = time.time()
+            series = self.series[label_values] = [0.0] * (len(self.bounds) + 2)
+        return series
+
+    def observe(self, series: list[float], value: float) -> None:
+        """One observation into a list from `series_for`."""
+        series[bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = [(labels, list(s)) for labels, s in self.series.copy().items()]
+        hist = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        counter = None
+        if self._counter is not None:
+            counter = CounterMetricFamily(*self._counter, labels=self.labels)
+        for labels, s in snapshot:
+            cumulative, buckets = 0.0, []
+            for le, n in zip(self._les, s[:-1], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            hist.add_metric(labels, buckets, s[-1])
+            created = self._created.get(labels)
+            if created is not None:  # as prometheus_client's own Histogram reports it
+                label_map = dict(zip(self.labels, labels, strict=True))
+                hist.samples.append(Sample(f"{self.name}_created", label_map, created))
+            if counter is not None:
+                counter.add_metric(labels, cumulative, created=created)
+        if counter is not None:
+            yield counter
+        yield hist
 
 
 class GatewayMetrics:
@@ -35,16 +107,15 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.rpcs = Counter(
-            "clipsearch_rpc", "RPCs by method and status", ["method", "code"], registry=r
-        )
-        self.rpc_seconds = Histogram(
+        # clipsearch_rpc_total and clipsearch_rpc_seconds, from the same observations
+        self.rpc_seconds = LoopHistograms(
             "clipsearch_rpc_seconds",
             "RPC latency by method and status",
-            ["method", "code"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            ("method", "code"),
+            _LATENCY_BUCKETS,
+            counter=("clipsearch_rpc", "RPCs by method and status"),
         )
+        r.register(self.rpc_seconds)
         self.in_flight = Gauge(
             "clipsearch_rpc_in_flight", "Calls in flight", ["method_class"], registry=r
         )
@@ -54,13 +125,10 @@ class GatewayMetrics:
             ["method_class"],
             registry=r,
         )
-        self.stage_seconds = Histogram(
-            "clipsearch_stage_seconds",
-            "Time per search stage",
-            ["stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.stage_seconds = LoopHistograms(
+            "clipsearch_stage_seconds", "Time per search stage", ("stage",), _LATENCY_BUCKETS
         )
+        r.register(self.stage_seconds)
         self.shard_vectors = Gauge(
             "clipsearch_shard_vectors", "Vectors per shard", ["shard", "modality"], registry=r
         )
@@ -100,7 +168,7 @@ class GatewayMetrics:
             registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._timing_stages: dict[type, tuple[tuple[str, Any], ...]] = {}
+        self._timing_stages: dict[type, tuple[tuple[str, list[float]], ...]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached (the event loop is the only writer)."""
@@ -120,27 +188,32 @@ class GatewayMetrics:
         self._child(self.rejected, method_class).inc()
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self._child(self.rpcs, method, code).inc()
-        self._child(self.rpc_seconds, method, code).observe(seconds)
+        h = self.rpc_seconds
+        h.observe(h.series_for(method, code), seconds)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
+        h = self.stage_seconds
         for stage, ms in timings_ms.items():
-            self._child(self.stage_seconds, stage).observe(ms / 1000.0)
+            h.observe(h.series_for(stage), ms / 1000.0)
 
     def observe_timings(self, timings: Any) -> None:
         """The stage histograms from a response's Timings message: each `<stage>_ms` field
         that is set (non-zero, as `ListFields` tells it), without building a dict per call."""
+        h = self.stage_seconds
         stages = self._timing_stages.get(type(timings))
         if stages is None:
             stages = self._timing_stages[type(timings)] = tuple(
-                (f.name, self._child(self.stage_seconds, f.name.removesuffix("_ms")))
+                (f.name, h.series_for(f.name.removesuffix("_ms")))
                 for f in timings.DESCRIPTOR.fields
                 if f.name.endswith("_ms")
             )
-        for name, child in stages:
+        bounds = h.bounds
+        for name, series in stages:
             ms = getattr(timings, name)
             if ms:
-                child.observe(ms / 1000.0)
+                seconds = ms / 1000.0
+                series[bisect_left(bounds, seconds)] += 1  # `observe`, inlined
+                series[-1] += seconds
 
     def observe_shard_stats(self, stats: Any) -> None:
         shard = str(stats.shard)

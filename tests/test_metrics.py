@@ -168,3 +168,41 @@ async def test_a_real_coalescer_counts_calls_alone_and_batched() -> None:
     release.set()
     assert await asyncio.gather(*calls) == [0, 1, 2, 3]
     assert c.alone == 1 and c.batches == {3: 1}
+
+
+def test_loop_histograms_expose_what_prometheus_client_would() -> None:
+    """The lock-free per-call series scrape exactly as prometheus_client's own Counter and
+    Histogram fed the same observations (bucket edges, +Inf, count, sum, names, labels)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from gateway.metrics import _LATENCY_BUCKETS, GatewayMetrics
+
+    observed = (0.0005, 0.0007, 0.003, 0.25, 30.0, 40.0)  # edges, between, past the last
+    ours = GatewayMetrics()
+    reference = CollectorRegistry()
+    seconds = Histogram(
+        "clipsearch_rpc_seconds",
+        "RPC latency by method and status",
+        ["method", "code"],
+        buckets=_LATENCY_BUCKETS,
+        registry=reference,
+    )
+    count = Counter(
+        "clipsearch_rpc", "RPCs by method and status", ["method", "code"], registry=reference
+    )
+    for code in ("OK", "INVALID_ARGUMENT"):
+        for value in observed:
+            ours.observe_rpc("/s/M", code, value)
+            seconds.labels("/s/M", code).observe(value)
+            count.labels("/s/M", code).inc()
+
+    def rpc_lines(text: bytes) -> list[str]:
+        return sorted(
+            line.rsplit(" ", 1)[0] if "_created" in line else line  # creation times differ
+            for line in text.decode().splitlines()
+            if line.startswith(
+                ("clipsearch_rpc_total", "clipsearch_rpc_seconds", "clipsearch_rpc_created")
+            )
+        )
+
+    assert rpc_lines(generate_latest(ours.registry)) == rpc_lines(generate_latest(reference))
