@@ -1,0 +1,68 @@
+"""Encoder Stats count every replica's batches and cache, not only the replica asked."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from clipsearch.settings import EncoderSettings, LimitSettings
+from encoder_service.deployment import build_encoder_app
+from encoder_service.replica_stats import ReplicaCounters, StatsBoard, merge
+from tests.encoder_fixtures import make_tiny_clip
+
+APP = "enc-stats-test"
+RESULT_TIMEOUT_S = 60
+
+
+def test_merge_sums_histograms_and_cache_counters() -> None:
+    one = ReplicaCounters({"text": {8: 2, 1: 1}, "image": {}}, {"hits": 1, "entries": 3})
+    two = ReplicaCounters({"text": {8: 1, 3: 1}, "image": {2: 4}}, {"hits": 2, "entries": 1})
+    assert merge([one, two]) == ReplicaCounters(
+        {"text": {8: 3, 1: 1, 3: 1}, "image": {2: 4}}, {"hits": 3, "entries": 4}
+    )
+
+
+def test_board_keeps_the_latest_report_per_replica_and_forgets_silent_ones() -> None:
+    now = [0.0]
+    board = StatsBoard(clock=lambda: now[0])
+    board.report("a", ReplicaCounters({"text": {1: 1}}))
+    board.report("a", ReplicaCounters({"text": {1: 5}}))  # replaces, never adds
+    board.report("b", ReplicaCounters({"text": {2: 1}}))
+    assert board.merged(stale_s=10) == (2, ReplicaCounters({"text": {1: 5, 2: 1}}, {}))
+    now[0] = 8.0
+    board.report("b", ReplicaCounters({"text": {2: 2}}))
+    now[0] = 12.0  # a has been silent for 12 s: it died, and its counts go with it
+    assert board.merged(stale_s=10) == (1, ReplicaCounters({"text": {2: 2}}, {}))
+
+
+@pytest.fixture(scope="module")
+def two_replicas(
+    ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DeploymentHandle]:
+    model = make_tiny_clip(tmp_path_factory.mktemp("tiny-clip-stats"), dim=16)
+    settings = EncoderSettings(
+        model=str(model), replicas=2, num_cpus=0.25, max_ongoing_requests=32, cache_bytes=0
+    )
+    yield serve.run(build_encoder_app(settings, LimitSettings()), name=APP, route_prefix=None)
+    serve.delete(APP)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_stats_sum_the_batches_of_both_replicas(two_replicas: DeploymentHandle) -> None:
+    responses = [two_replicas.encode_text.remote(f"caller {i}") for i in range(64)]
+    assert all(r.result(timeout_s=RESULT_TIMEOUT_S).shape == (16,) for r in responses)
+    for _ in range(60):  # each replica reports every REPORT_S: allow a few rounds
+        stats = two_replicas.stats.remote().result(timeout_s=RESULT_TIMEOUT_S)
+        items = sum(size * count for size, count in stats.batch_sizes["text"].items())
+        if items == 64:
+            break
+        time.sleep(0.5)
+    assert items == 64, stats.batch_sizes
+    # A replica's own histogram holds only its part: both took part, so the sum was needed.
+    own = [two_replicas.batch_stats.remote().result(timeout_s=RESULT_TIMEOUT_S) for _ in range(20)]
+    assert any(0 < sum(s * c for s, c in h["text"].items()) < 64 for h in own)
