@@ -16,6 +16,11 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "clipsearch_request_id", default=None
 )
 
+_SCALARS = frozenset({int, float, bool, type(None)})  # written as they are; anything else str()
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False
+)  # json.dumps(..., ensure_ascii=False) makes one a call
+
 _STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "", None, None)).keys()) | {
     "message",
     "asctime",
@@ -23,12 +28,27 @@ _STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "", None
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "message", "request_id", ...extra fields}`."""
+    """`{"ts", "level", "logger", "message", "request_id", ...extra fields}`.
+
+    The access log writes a line per RPC through it, so it keeps per-line work small: the
+    timestamp's date and time are formatted once per second, the encoder is made once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second: tuple[int, str] = (-1, "")  # one tuple: threads never see half of it
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        cached, stamp = self._second
+        if second != cached:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, stamp)
+        return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -38,10 +58,11 @@ class JsonFormatter(logging.Formatter):
             out["request_id"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, int | float | bool | None) else str(value)
+                plain = type(value) in _SCALARS or isinstance(value, int | float | bool | None)
+                out[key] = value if plain else str(value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return _ENCODER.encode(out)
 
 
 def setup(json_logs: bool, level: int = logging.INFO) -> None:

@@ -206,3 +206,20 @@ def test_loop_histograms_expose_what_prometheus_client_would() -> None:
         )
 
     assert rpc_lines(generate_latest(ours.registry)) == rpc_lines(generate_latest(reference))
+
+
+def test_json_timestamps_follow_each_record_across_seconds() -> None:
+    """The once-a-second timestamp cache never stamps a line with another second's time."""
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (1_800_000_000.25, 1_800_000_000.75, 1_800_000_001.5, 86_400.0):
+        record = logging.LogRecord("clipsearch.x", logging.INFO, __file__, 1, "é", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "2027-01-15T08:00:00.250Z",
+        "2027-01-15T08:00:00.750Z",
+        "2027-01-15T08:00:01.500Z",
+        "1970-01-02T00:00:00.000Z",
+    ]
+    assert '"message": "é"' in formatter.format(record)  # not escaped to \\u00e9
