@@ -193,22 +193,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     span.end()
                 if metrics is not None:
                     metrics.observe_rpc(method, code.name, seconds)
-                if log_enabled(logging.INFO):  # skip building `extra` when off
-                    access_log.info(
-                        "rpc method=%s status=%s ms=%.2f request_id=%s",
-                        method,
-                        code.name,
-                        seconds * 1000.0,
-                        request_id,
-                        extra={
-                            "method": method,
-                            "status": code.name,
-                            "ms": round(seconds * 1000.0, 3),
-                            "request_id": request_id,
-                        },
-                    )
+                if log_enabled(logging.INFO):  # skip building the record when off
+                    _log_access(method, code.name, seconds * 1000.0, request_id)
 
         return run
+
+
+_ACCESS_FORMAT = "rpc method=%s status=%s ms=%.2f request_id=%s"
+
+
+def _log_access(method: str, status: str, ms: float, request_id: str) -> None:
+    """The access-log line of one RPC (fields as `extra` too, for JSON logs).
+
+    `handle(makeRecord(...))` is what `Logger.info` does, less its walk up the stack for the
+    caller's file and line, which would always name this function (9 of 30 us a line).
+    """
+    extra = {"method": method, "status": status, "ms": round(ms, 3), "request_id": request_id}
+    args = (method, status, ms, request_id)
+    access_log.handle(
+        access_log.makeRecord(
+            access_log.name, logging.INFO, __file__, 0, _ACCESS_FORMAT, args, None, "run", extra
+        )
+    )
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

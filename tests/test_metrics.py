@@ -79,6 +79,9 @@ async def test_request_id_is_taken_or_made_and_returned_in_trailers(
     lines = [r for r in caplog.records if r.name == "clipsearch.access"]
     by_id = {getattr(r, "request_id", None): r for r in lines}
     assert by_id["abc-123"].status == "OK"  # type: ignore[attr-defined]
+    assert by_id["abc-123"].getMessage().startswith(
+        "rpc method=/clipsearch.v1.SearchService/Search status=OK ms="
+    ) and by_id["abc-123"].getMessage().endswith(" request_id=abc-123")
     assert by_id[made].status == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
     record = json.loads(JsonFormatter().format(by_id[made]))
     assert record["request_id"] == made and record["status"] == "INVALID_ARGUMENT"
