@@ -320,7 +320,10 @@ class EncoderDeployment:
         )
 
     async def _all_replicas(self) -> ReplicaCounters:
-        """The counters summed over live replicas, via the deployment's StatsBoard."""
+        """The counters summed over live replicas, via the deployment's StatsBoard (none
+        with one replica: a board actor is a worker process of its own)."""
+        if self._settings.replicas == 1:
+            return self._own_counters()
         self._start_reporting()
         try:
             await self._report()
@@ -332,8 +335,8 @@ class EncoderDeployment:
         return merged  # type: ignore[no-any-return]
 
     def _start_reporting(self) -> None:
-        """Start this replica's periodic report to the StatsBoard (once)."""
-        if self._reporter is None:
+        """Start this replica's periodic report to the StatsBoard (once; never alone)."""
+        if self._reporter is None and self._settings.replicas > 1:
             self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     async def _report_forever(self) -> None:

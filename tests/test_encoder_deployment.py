@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 from ray import serve
 from ray.exceptions import TaskCancelledError
@@ -356,6 +357,10 @@ def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_
     assert got.replicas == 1
     assert sum(got.batch_sizes["text"].values()) >= 1
     assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}
+    # One replica's counters are the total: no stats board actor (a process) is started.
+    handle.check_health.remote().result(timeout_s=RESULT_TIMEOUT_S)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith(f"clipsearch-stats:{APP}:")], names
 
 
 @integration
