@@ -362,6 +362,10 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
 
 def _set_posix(ts: Timestamp, seconds: float) -> None:
     """Fill `ts` in place from POSIX seconds (same rounding as `to_timestamp`)."""
+    whole = int(seconds)
+    if whole == seconds:  # whole seconds, as most stored publish times are: nothing to round
+        ts.seconds = whole
+        return
     whole, nanos = posix_parts(seconds)
     ts.seconds = whole
     if nanos:

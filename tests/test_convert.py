@@ -87,3 +87,24 @@ def test_timestamps_round_trip() -> None:
     for seconds in (0.0, 1_700_000_000.25, 1.999999999, 1.9999999999, -0.5):
         ts = timestamp(seconds)
         assert abs(ts.seconds + ts.nanos / 1e9 - seconds) < 1e-6
+
+
+def test_search_response_timestamps_match_to_timestamp() -> None:
+    """Hit and reference times in a response equal `to_timestamp`'s, whole seconds (the fast
+    path) and fractional ones alike."""
+    from clipsearch.types import DocRecord
+    from gateway.convert import search_response
+    from gateway.coordinator import SearchOutcome, SearchQuery
+    from gateway.ranking import RankedHit
+
+    times = (0.0, 1_800_000_000.0, -86_400.0, 1_700_000_000.25, 1.9999999999, -0.5, 2.0**40)
+    hits = [
+        RankedHit(DocRecord(f"d{n}", t, {}, "", True, False), 0.5, 1.0, 0.5)
+        for n, t in enumerate(times)
+    ]
+    outcome = SearchOutcome(hits, len(hits), 1, 1)
+    for reference in times:
+        query = SearchQuery(Modality.IMAGE, len(hits), reference_time=reference)
+        resp = search_response(outcome, query)
+        assert [h.publish_time for h in resp.hits] == [timestamp(t) for t in times]
+        assert resp.recency.reference_time == timestamp(reference)
