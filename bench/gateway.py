@@ -11,9 +11,10 @@ Both servers run side by side in a child process each, the load generator in thi
                omission), `--rounds` times: p99 ÷ p50 (target <= 3)
 
 The gateway path is everything real but the engines: interceptor (request id, deadline,
-admission, metrics, access log), validation, the coordinator's fan-out to `--shards` stub
-shards, the exact merge, and response conversion. The echo server returns a pre-serialised
-SearchResponse of the same size as the gateway's answer. The load generator's garbage
+admission, metrics; the access log only with `--access-log json|text`, written to
+/dev/null as `clipsearch serve` would format it), validation, the coordinator's fan-out to
+`--shards` stub shards, the exact merge, and response conversion. The echo server returns a
+pre-serialised SearchResponse of the same size as the gateway's answer. The load generator's garbage
 collector is off while it measures (as in `timeit`); the servers keep theirs (frozen
 start-up heap, as `clipsearch serve` runs).
 
@@ -23,7 +24,7 @@ with the server it measures; both servers get exactly the same placement. `--pin
 the scheduler place everything. The output says which was used.
 
 Usage: PYTHONPATH=. python -m bench.gateway [--seconds 5] [--concurrency 32] [--shards 2]
-         [--top-k 10] [--rounds 3] [--pin on|off]
+         [--top-k 10] [--rounds 3] [--pin on|off] [--access-log off|json|text]
 """
 
 from __future__ import annotations
@@ -108,14 +109,21 @@ class _StubShard:
         return self._stats
 
 
-async def _gateway_main(port_out: Any, shards: int, top_k: int) -> None:
+async def _gateway_main(port_out: Any, shards: int, top_k: int, access_log: str) -> None:
     import logging
 
     from clipsearch.settings import load_settings
+    from gateway import logs
     from gateway.coordinator import Coordinator
     from gateway.server import create_server, freeze_startup_heap
 
-    logging.getLogger("clipsearch.access").setLevel(logging.WARNING)
+    if access_log == "off":
+        logging.getLogger("clipsearch.access").setLevel(logging.WARNING)
+    else:  # as `clipsearch serve` sets logging up, the lines going to /dev/null
+        logs.setup(json_logs=access_log == "json")
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (open while serving)
     settings = load_settings(
         gateway={"port": 0, "admission": {"read": 0, "write": 0, "admin": 0}},
         limits={"max_top_k": 1000},
@@ -152,9 +160,11 @@ def _pin(cpus: set[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def _run_gateway(port_out: Any, cpus: set[int] | None, shards: int, top_k: int) -> None:
+def _run_gateway(
+    port_out: Any, cpus: set[int] | None, shards: int, top_k: int, access_log: str = "off"
+) -> None:
     _pin(cpus)  # before grpc and asyncio start their threads, which inherit it
-    asyncio.run(_gateway_main(port_out, shards, top_k))
+    asyncio.run(_gateway_main(port_out, shards, top_k, access_log))
 
 
 def _run_echo(port_out: Any, cpus: set[int] | None, reply: bytes) -> None:
@@ -283,6 +293,13 @@ def main() -> None:
         help="server on one CPU, load generator on the others (both servers alike); "
         "on needs at least 2 CPUs, else it is off",
     )
+    parser.add_argument(
+        "--access-log",
+        choices=("off", "json", "text"),
+        default="off",
+        help="the gateway's access log (one line per RPC, to /dev/null), as --json-logs "
+        "or plain text; off by default, as in earlier figures",
+    )
     args = parser.parse_args()
     body = _request(args.top_k)
     server_cpus, driver_cpus = _cpu_split(args.pin == "on")
@@ -298,7 +315,7 @@ def main() -> None:
     ratios: list[float] = []
     gw_rates: list[float] = []
     tails: list[tuple[float, float, float]] = []
-    gw, port = _start(_run_gateway, server_cpus, args.shards, args.top_k)
+    gw, port = _start(_run_gateway, server_cpus, args.shards, args.top_k, args.access_log)
     echo = None
     try:
         gw_address = f"127.0.0.1:{port}"
@@ -345,7 +362,8 @@ def main() -> None:
     print(placement)
     print(
         f"request {len(body)} B, response {len(reply)} B, {args.shards} stub shards, "
-        f"top_k {args.top_k}, concurrency {args.concurrency}, {args.seconds:.0f} s per phase"
+        f"top_k {args.top_k}, concurrency {args.concurrency}, {args.seconds:.0f} s per phase, "
+        f"access log {args.access_log}"
     )
     print(f"{'figure':<34}{'value':>12}{'target':>10}{'':>6}")
     rows = [
