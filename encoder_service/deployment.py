@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-import ray
 import torch
 from ray import serve
 from ray.serve import Application
@@ -37,7 +36,7 @@ from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder, ImageInput
 from encoder_service.phases import PhaseLog, PhaseTimes
-from encoder_service.replica_stats import REPORT_S, STALE_S, ReplicaCounters, StatsBoard
+from encoder_service.replica_stats import ReplicaCounters, StatsReporter
 from encoder_service.text import apply_template, check_template
 
 DECODE_WORKERS = 2
@@ -210,8 +209,8 @@ class EncoderDeployment:
         self._forward_starts: dict[int, float] = {}  # model thread -> its forward's start
         self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
         self._phases = PhaseLog(("text", "image"))
-        self._board: Any = None  # the deployment's StatsBoard actor, once found
-        self._reporter: asyncio.Task[None] | None = None
+        # One replica's counters are the total: no board actor (a worker process) then.
+        self._reporter = StatsReporter(self._own_counters) if encoder.replicas > 1 else None
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
 
     async def encode_text(self, text: str, options: TextOptions | None = None) -> np.ndarray:
@@ -292,7 +291,7 @@ class EncoderDeployment:
         replicas (see encoder_service.replica_stats); this replica's own if the sum cannot
         be had."""
         enc = self._encoder
-        counters = await self._all_replicas()
+        counters = await self._reporter.merged() if self._reporter else self._own_counters()
         return EncoderStats(
             model_id=enc.model_id,
             dim=enc.dim,
@@ -318,44 +317,6 @@ class EncoderDeployment:
                 "capacity_bytes": cache.capacity_bytes,
             },
         )
-
-    async def _all_replicas(self) -> ReplicaCounters:
-        """The counters summed over live replicas, via the deployment's StatsBoard (none
-        with one replica: a board actor is a worker process of its own)."""
-        if self._settings.replicas == 1:
-            return self._own_counters()
-        self._start_reporting()
-        try:
-            await self._report()
-            _, merged = await self._board.merged.remote(STALE_S)
-        except Exception as exc:  # no board (not under Serve, actor lost): say so, go on
-            log.warning("encoder stats: other replicas' counters unavailable: %r", exc)
-            self._board = None
-            return self._own_counters()
-        return merged  # type: ignore[no-any-return]
-
-    def _start_reporting(self) -> None:
-        """Start this replica's periodic report to the StatsBoard (once; never alone)."""
-        if self._reporter is None and self._settings.replicas > 1:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
-
-    async def _report_forever(self) -> None:
-        while True:
-            try:
-                await self._report()
-            except Exception as exc:  # the board died with its replica: find or make anew
-                log.debug("encoder stats report failed: %r", exc)
-                self._board = None
-            await asyncio.sleep(REPORT_S)
-
-    async def _report(self) -> None:
-        """Send this replica's counters to the deployment's StatsBoard."""
-        context = serve.get_replica_context()
-        if self._board is None:
-            name = f"clipsearch-stats:{context.app_name}:{context.deployment}"
-            actor = ray.remote(num_cpus=0)(StatsBoard)
-            self._board = actor.options(name=name, get_if_exists=True).remote()
-        await self._board.report.remote(context.replica_tag, self._own_counters())
 
     async def batch_stats(self) -> dict[str, dict[int, int]]:
         """How many batches of each size each queue has run since the replica started."""
@@ -391,7 +352,8 @@ class EncoderDeployment:
 
     async def check_health(self) -> None:
         """Serve's periodic probe: fail when a forward hangs or a batch loop has died."""
-        self._start_reporting()  # every replica, whether or not it is ever asked for stats
+        if self._reporter is not None:  # every replica reports, asked for stats or not
+            self._reporter.start()
         started = min(self._forward_starts.values(), default=None)
         if started is not None and time.monotonic() - started > FORWARD_STUCK_AFTER_S:
             raise RuntimeError(f"model forward running for over {FORWARD_STUCK_AFTER_S:.0f} s")

@@ -10,15 +10,23 @@ drops out of the sum (its cache is gone with it), one that restarted counts from
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import serve
 
 REPORT_S = 2.0
 """How often each replica reports its counters."""
 STALE_S = 15.0
 """A replica whose last report is older than this is left out of the sum."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,3 +64,52 @@ class StatsBoard:
         now = self._clock()
         self._latest = {r: v for r, v in self._latest.items() if now - v[0] <= stale_s}
         return len(self._latest), merge(c for _, c in self._latest.values())
+
+
+class StatsReporter:
+    """One replica's side: reports its counters every REPORT_S and reads the sum.
+
+    Args:
+        counters: Returns this replica's counters now.
+    """
+
+    def __init__(self, counters: Callable[[], ReplicaCounters]) -> None:
+        self._counters = counters
+        self._board: Any = None  # the deployment's StatsBoard actor, once found
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the periodic report (once; needs the replica's running event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def merged(self) -> ReplicaCounters:
+        """The counters summed over live replicas; this replica's own if the board cannot
+        be reached (a warning says so)."""
+        self.start()
+        try:
+            await self._report()
+            _, merged = await self._board.merged.remote(STALE_S)
+        except Exception as exc:  # no board (not under Serve, actor lost): say so, go on
+            log.warning("encoder stats: other replicas' counters unavailable: %r", exc)
+            self._board = None
+            return self._counters()
+        return merged  # type: ignore[no-any-return]
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self._report()
+            except Exception as exc:  # the board died with its replica: find or make anew
+                log.debug("encoder stats report failed: %r", exc)
+                self._board = None
+            await asyncio.sleep(REPORT_S)
+
+    async def _report(self) -> None:
+        """Send this replica's counters to the deployment's StatsBoard (made if missing)."""
+        context = serve.get_replica_context()
+        if self._board is None:
+            name = f"clipsearch-stats:{context.app_name}:{context.deployment}"
+            actor = ray.remote(num_cpus=0)(StatsBoard)
+            self._board = actor.options(name=name, get_if_exists=True).remote()
+        await self._board.report.remote(context.replica_tag, self._counters())
