@@ -183,8 +183,9 @@ class Validator:
             raise InvalidArgument(f"{field}: contains NaN or infinity")
         if squares == 0.0:
             raise InvalidArgument(f"{field}: must be non-zero")
-        arr /= math.sqrt(squares)
-        return arr
+        # Divided in float64: the norm of large finite float32 values can itself exceed
+        # float32's range (512 x 3e38 -> 6.8e39), and in float32 it became inf, the vector 0.
+        return (wide / math.sqrt(squares)).astype(np.float32)
 
     def encode_batch(self, n: int, field: str) -> None:
         """An Encode* batch size within 1..max_encode_items."""

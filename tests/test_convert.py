@@ -51,6 +51,17 @@ def test_query_vectors_are_normalised_and_defaults_applied() -> None:
     assert np.allclose(q.vector, [1.0] + [0.0] * 7)  # type: ignore[arg-type]
 
 
+def test_vectors_of_huge_finite_floats_keep_their_direction() -> None:
+    """Their norm overflows float32 (8 x 3e38 -> 8.5e38): normalised in float64, not to 0."""
+    check = _validator()
+    q = check.search_query(search_pb2.SearchRequest(vector=_vec([3e38] * 8), top_k=3))
+    assert q.vector is not None and q.vector.dtype == np.float32
+    assert np.allclose(q.vector, [8**-0.5] * 8)
+    doc = search_pb2.UpsertDocument(id="a", image_vector=_vec([-3e38] + [3e38] * 7))
+    (item,) = check.upsert_items(search_pb2.UpsertRequest(documents=[doc]), now=0.0)
+    assert np.allclose(item.image_vector, [-(8**-0.5)] + [8**-0.5] * 7)
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
