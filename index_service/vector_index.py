@@ -524,23 +524,7 @@ def _search_index(
     return d[:, :k], i[:, :k]
 
 
-_PARAMS: dict[tuple[Family, int], Any] = {}  # unfiltered Faiss params, shared (read-only)
-
-
 def _faiss_params(spec: IndexSpec, sp: SearchParams, sel: Any) -> Any:
-    if sel is None and spec.family is not Family.FLAT:  # the common case: built once
-        if spec.family is Family.IVF:
-            key = (Family.IVF, min(max(1, sp.nprobe), spec.nlist))
-        else:
-            key = (spec.family, max(1, sp.ef_search))
-        params = _PARAMS.get(key)
-        if params is None:
-            params = _PARAMS.setdefault(key, _new_faiss_params(spec, sp, None))
-        return params
-    return _new_faiss_params(spec, sp, sel)
-
-
-def _new_faiss_params(spec: IndexSpec, sp: SearchParams, sel: Any) -> Any:
     fa: Any = faiss  # the SWIG stubs lack these keyword constructors
     if spec.family is Family.IVF:
         nprobe = min(max(1, sp.nprobe), spec.nlist)
