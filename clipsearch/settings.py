@@ -237,7 +237,17 @@ class GatewaySettings(_Group):
         5.0, gt=0, description="How often health re-runs its canary encode and searches."
     )
     health_timeout_s: float = Field(
-        2.0, gt=0, description="A canary slower than this marks its service NOT_SERVING."
+        2.0, gt=0, description="A canary slower than this counts as a failed canary."
+    )
+    health_failures: int = Field(
+        3,
+        ge=1,
+        description="Failed canaries in a row (the encoder, or one shard) before the services "
+        "needing it turn NOT_SERVING: a check re-probes a failing part at once, each try "
+        "taking at least health_timeout_s, so one slow canary on a busy machine flips "
+        "nothing while a stuck or dead part shows within about health_interval_s + "
+        "health_failures x health_timeout_s. The first canary that answers turns it back "
+        "to SERVING. 1 = the first failure counts.",
     )
     allow_insecure: bool = Field(
         False,

@@ -8,16 +8,23 @@ by `timeout_s`. Statuses:
 - SearchService and AdminService: SERVING when the encoder and every shard answered.
 - "" (overall): SERVING when all of the above are.
 
-While draining everything is NOT_SERVING and stays so. A stuck encoder loop makes the canary
-time out, so health turns NOT_SERVING within one interval plus the timeout.
+Hysteresis: one failed canary flips nothing. A check re-probes a failing part (the encoder,
+or one shard) at once, each try taking at least `timeout_s`, and counts it down only when
+`failures` tries in a row failed; the first try that answers counts it up. So one slow canary
+on a busy machine leaves health SERVING, while a stuck encoder loop or a dead shard turns it
+NOT_SERVING within about `interval_s + failures * timeout_s`.
+
+While draining everything is NOT_SERVING at once and stays so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -45,13 +52,16 @@ class HealthChecker:
         interval_s: float,
         timeout_s: float,
         metrics: GatewayMetrics | None = None,
+        failures: int = 1,
     ) -> None:
-        """`services` maps full service names to what they need: "encoder" or "all"."""
+        """`services` maps full service names to what they need: "encoder" or "all";
+        `failures` is how many failed canaries in a row count a part down."""
         self.servicer = servicer
         self._coord = coordinator
         self._services = services
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._failures = max(1, failures)
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._canary = itertools.count()
@@ -66,7 +76,9 @@ class HealthChecker:
 
     async def check_once(self) -> dict[str, bool]:
         """Run the canaries now and publish the statuses; returns {service: serving}."""
-        encoder_ok, shards_ok = await asyncio.gather(self._encoder_ok(), self._shards_ok())
+        encoder_ok, shards_ok = await asyncio.gather(
+            self._confirmed(self._encoder_ok), self._shards_ok()
+        )
         needs = {"encoder": encoder_ok, "all": encoder_ok and shards_ok}
         status = {name: needs[need] for name, need in self._services.items()}
         status[""] = encoder_ok and shards_ok
@@ -79,6 +91,21 @@ class HealthChecker:
             log.info("health: %s", {k or "overall": v for k, v in status.items()})
         self.last = status
         return status
+
+    async def _confirmed(self, probe: Callable[[], Awaitable[bool]]) -> bool:
+        """True at the first of up to `failures` tries of `probe` that succeeds.
+
+        A try that fails fast (an error rather than a timeout) still takes `timeout_s` before
+        the next, so a part gets the same time to recover either way."""
+        for attempt in range(1, self._failures + 1):
+            start = time.monotonic()
+            if await probe():
+                return True
+            if self.draining:  # statuses are final now: no point in trying again
+                return False
+            if attempt < self._failures:
+                await asyncio.sleep(max(0.0, self._timeout_s - (time.monotonic() - start)))
+        return False
 
     async def _encoder_ok(self) -> bool:
         start = time.perf_counter()
@@ -104,7 +131,10 @@ class HealthChecker:
 
     async def _shards_ok(self) -> bool:
         results = await asyncio.gather(
-            *(self._shard_ok(n, s) for n, s in enumerate(self._coord.shards))
+            *(
+                self._confirmed(functools.partial(self._shard_ok, n, s))
+                for n, s in enumerate(self._coord.shards)
+            )
         )
         return all(results)
 

@@ -132,6 +132,7 @@ async def create_server(
         gw.health_interval_s,
         gw.health_timeout_s,
         metrics,
+        failures=gw.health_failures,
     )
     health.on_drain.append(lambda: setattr(interceptor, "draining", True))
     obs = Observability(metrics)
