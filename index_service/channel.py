@@ -30,7 +30,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from clipsearch import errors
 from clipsearch.errors import ClipsearchError, Unavailable
@@ -163,6 +163,24 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def connect_unix(address: str, protocol_factory: Callable[[], P]) -> P:
+    """A protocol connected to the (abstract) Unix socket `address` on the running loop."""
+    loop = asyncio.get_running_loop()
+    # Connected here, not by the loop: uvloop (libuv) cannot name an abstract address.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+        _, protocol = await loop.create_unix_connection(protocol_factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return protocol
+
+
 class ChannelClient(asyncio.Protocol):
     """The gateway's end: `call` sends a batch and awaits its answers, in order.
 
@@ -179,17 +197,7 @@ class ChannelClient(asyncio.Protocol):
 
     @classmethod
     async def connect(cls, address: str, what: str) -> ChannelClient:
-        loop = asyncio.get_running_loop()
-        # Connected here, not by the loop: uvloop (libuv) cannot name an abstract address.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-            _, protocol = await loop.create_unix_connection(lambda: cls(what), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        return protocol
+        return await connect_unix(address, lambda: cls(what))
 
     async def call(self, requests: list[wire.SearchRequest]) -> list[Any]:
         if self.closed or self._transport is None:
