@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 from ray.serve import Application
@@ -31,6 +32,7 @@ from ray.serve import Application
 from clipsearch.errors import InvalidArgument
 from clipsearch.settings import EncoderSettings, LimitSettings
 from clipsearch.types import EncoderStats, TextOptions
+from encoder_service import channel
 from encoder_service.batching import Batcher
 from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
@@ -212,6 +214,7 @@ class EncoderDeployment:
         # One replica's counters are the total: no board actor (a worker process) then.
         self._reporter = StatsReporter(self._own_counters) if encoder.replicas > 1 else None
         self._apply_batch_limits(encoder.max_batch_size, encoder.batch_wait_timeout_s)
+        self._channel, self._channel_start = self._open_channel()
 
     async def encode_text(self, text: str, options: TextOptions | None = None) -> np.ndarray:
         """Embed one text (joins the text batch queue unless cached).
@@ -278,6 +281,22 @@ class EncoderDeployment:
             raise InvalidArgument(f"unknown input kind {kind!r}; use 'text' or 'image'")
         return list(await asyncio.gather(*coros, return_exceptions=True))
 
+    async def channel_addresses(self) -> list[tuple[str, str]]:
+        """(Ray node id, socket address) of the direct channel (encoder_service.channel) of
+        every live replica, this one's first; empty when this replica has none."""
+        own = self._channel_address()
+        if own is None:
+            return []
+        others = await self._reporter.channels() if self._reporter else []
+        return [own, *(c for c in others if c != own)]
+
+    async def channel_stats(self) -> dict[str, int]:
+        """Requests and items this replica has taken over its direct channel, items in it
+        now (all 0 without one), and its process id."""
+        server = self._channel
+        counts = (server.requests, server.items_total, server.items) if server else (0, 0, 0)
+        return dict(zip(("requests", "items", "in_flight"), counts, strict=True), pid=os.getpid())
+
     async def info(self) -> dict[str, Any]:
         """What the model is: `{"model_id": str, "dim": int, "max_text_tokens": int}`."""
         return {
@@ -305,7 +324,7 @@ class EncoderDeployment:
         )
 
     def _own_counters(self) -> ReplicaCounters:
-        """This replica's batch histograms and cache counters."""
+        """This replica's batch histograms and cache counters, and its channel's address."""
         cache = self._cache.counters()
         return ReplicaCounters(
             self._batcher.batch_sizes(),
@@ -316,7 +335,34 @@ class EncoderDeployment:
                 "bytes": cache.bytes,
                 "capacity_bytes": cache.capacity_bytes,
             },
+            self._channel_address(),
         )
+
+    def _open_channel(self) -> tuple[channel.EncodeChannelServer | None, Any]:
+        """The direct channel and the task that starts serving it on this replica's event
+        loop (the one its Serve methods run on, so items join the same batch queues); None
+        off Linux, or where the constructor runs outside an event loop (not under Serve)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None, None
+        if not channel.supported():
+            return None, None
+        # A replica holds what Serve would let it hold (running + queued) from the channel.
+        limit = self._settings.max_ongoing_requests + self._settings.max_queued_requests
+        server = channel.EncodeChannelServer(self._channel_items, "encoder", limit)
+        return server, loop.create_task(server.start())
+
+    def _channel_address(self) -> tuple[str, str] | None:
+        if self._channel is None:
+            return None
+        return ray.get_runtime_context().get_node_id(), self._channel.address
+
+    async def _channel_items(self, kind: str, items: list[Any]) -> list[np.ndarray | BaseException]:
+        """A direct-channel request: as `encode_many`, text options as plain pairs."""
+        if kind == "text":
+            items = [channel.unpack_text(item) for item in items]
+        return await self.encode_many(kind, items)
 
     async def batch_stats(self) -> dict[str, dict[int, int]]:
         """How many batches of each size each queue has run since the replica started."""

@@ -6,6 +6,8 @@ its counters every `REPORT_S` seconds to one small actor per deployment (`StatsB
 named after the app and deployment, created by whichever replica comes first), and `stats`
 answers with the sum over the replicas that reported within `STALE_S`: a replica that died
 drops out of the sum (its cache is gone with it), one that restarted counts from zero.
+The same reports carry each replica's direct channel address, so any replica can tell the
+gateway where all of them listen (`StatsBoard.channels`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class ReplicaCounters:
 
     batch_sizes: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     cache: Mapping[str, int] = field(default_factory=dict)
+    channel: tuple[str, str] | None = None
+    """(Ray node id, socket address) of its direct channel (encoder_service.channel)."""
 
 
 def merge(snapshots: Iterable[ReplicaCounters]) -> ReplicaCounters:
@@ -61,9 +65,17 @@ class StatsBoard:
 
     def merged(self, stale_s: float = STALE_S) -> tuple[int, ReplicaCounters]:
         """(replicas counted, their summed counters), forgetting replicas silent too long."""
+        live = self._live(stale_s)
+        return len(live), merge(live)
+
+    def channels(self, stale_s: float = STALE_S) -> list[tuple[str, str]]:
+        """The direct channels of the replicas that reported within `stale_s`."""
+        return [c.channel for c in self._live(stale_s) if c.channel is not None]
+
+    def _live(self, stale_s: float) -> list[ReplicaCounters]:
         now = self._clock()
         self._latest = {r: v for r, v in self._latest.items() if now - v[0] <= stale_s}
-        return len(self._latest), merge(c for _, c in self._latest.values())
+        return [counters for _, counters in self._latest.values()]
 
 
 class StatsReporter:
@@ -86,15 +98,28 @@ class StatsReporter:
     async def merged(self) -> ReplicaCounters:
         """The counters summed over live replicas; this replica's own if the board cannot
         be reached (a warning says so)."""
+        answer = await self._ask_board("merged")
+        return self._counters() if answer is None else answer[1]
+
+    async def channels(self) -> list[tuple[str, str]]:
+        """The live replicas' direct channels; this replica's own if the board cannot be
+        reached."""
+        answer = await self._ask_board("channels")
+        if answer is not None:
+            return answer  # type: ignore[no-any-return]
+        own = self._counters().channel
+        return [own] if own is not None else []
+
+    async def _ask_board(self, method: str) -> Any:
+        """Report now, then call the board's `method(STALE_S)`; None if it cannot be had."""
         self.start()
         try:
             await self._report()
-            _, merged = await self._board.merged.remote(STALE_S)
+            return await getattr(self._board, method).remote(STALE_S)
         except Exception as exc:  # no board (not under Serve, actor lost): say so, go on
-            log.warning("encoder stats: other replicas' counters unavailable: %r", exc)
+            log.warning("encoder stats: the replicas' board unavailable (%s): %r", method, exc)
             self._board = None
-            return self._counters()
-        return merged  # type: ignore[no-any-return]
+            return None
 
     async def _report_forever(self) -> None:
         while True:

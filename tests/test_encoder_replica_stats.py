@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ from ray.serve.handle import DeploymentHandle
 from clipsearch.settings import EncoderSettings, LimitSettings
 from encoder_service.deployment import build_encoder_app
 from encoder_service.replica_stats import ReplicaCounters, StatsBoard, merge
+from gateway.backends import RayEncoder
 from tests.encoder_fixtures import make_tiny_clip
 
 APP = "enc-stats-test"
@@ -66,3 +68,39 @@ def test_stats_sum_the_batches_of_both_replicas(two_replicas: DeploymentHandle) 
     # A replica's own histogram holds only its part: both took part, so the sum was needed.
     own = [two_replicas.batch_stats.remote().result(timeout_s=RESULT_TIMEOUT_S) for _ in range(20)]
     assert any(0 < sum(s * c for s, c in h["text"].items()) < 64 for h in own)
+
+
+def test_board_names_the_channels_of_live_replicas() -> None:
+    now = [0.0]
+    board = StatsBoard(clock=lambda: now[0])
+    board.report("a", ReplicaCounters(channel=("node", "\0a")))
+    board.report("b", ReplicaCounters())  # no channel (not Linux, or not served)
+    now[0] = 5.0
+    board.report("c", ReplicaCounters(channel=("node", "\0c")))
+    assert board.channels(stale_s=10) == [("node", "\0a"), ("node", "\0c")]
+    now[0] = 12.0
+    assert board.channels(stale_s=10) == [("node", "\0c")]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+async def test_the_gateway_spreads_calls_over_both_replicas_channels(
+    two_replicas: DeploymentHandle,
+) -> None:
+    for _ in range(120):  # each replica reports its channel every REPORT_S
+        addresses = await two_replicas.channel_addresses.remote()
+        if len(addresses) == 2:
+            break
+        await asyncio.sleep(0.5)
+    assert len({address for _, address in addresses}) == 2
+    encoder = RayEncoder(two_replicas, "tiny", 16)
+    assert await encoder.connect() and encoder.channels.open_channels == 2
+    vectors = await asyncio.gather(*(encoder.encode_texts([f"spread {i}"]) for i in range(64)))
+    assert all(v.shape == (1, 16) for v in vectors)
+    requests: dict[int, int] = {}
+    for _ in range(40):  # Serve routes each stats call to one replica: ask until both answered
+        stats = await two_replicas.channel_stats.remote()
+        requests[stats["pid"]] = stats["requests"]
+        if len(requests) == 2:
+            break
+    assert len(requests) == 2 and all(requests.values()), requests
