@@ -155,10 +155,14 @@ def test_clipsearch_serve_drains_in_flight_encodes_on_sigterm(tmp_path: Path) ->
         threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
         with grpc.insecure_channel(address) as channel:
             stub = encoder_pb2_grpc.EncoderServiceStub(channel)
-            texts = [f"a scene number {i} with many small red and blue shapes" for i in range(16)]
+            # texts new to the encoder's cache, so every call is real work still in flight
+            texts = [f"a scene number {i} with many small red and blue shapes" for i in range(64)]
             futures = [
-                stub.EncodeText.future(encoder_pb2.EncodeTextRequest(texts=texts), timeout=240)
-                for _ in range(20)
+                stub.EncodeText.future(
+                    encoder_pb2.EncodeTextRequest(texts=[f"{t}, call {n}" for t in texts]),
+                    timeout=240,
+                )
+                for n in range(64)
             ]
             time.sleep(0.5)
             assert sum(f.done() for f in futures) < len(futures), "nothing left in flight"
