@@ -1,11 +1,12 @@
 """The gateway's own overhead: Search through the real gateway with in-process stub encoder
-and shards, against a bare grpc.aio echo server moving the same bytes.
+and shards, against a bare grpc.aio echo server answering the same messages.
 
-Both servers run side by side in a child process each, the load generator in this one:
+The three servers run side by side in a child process each, the load generator in this one:
 
   throughput   closed loop, `--concurrency` callers, `--seconds` per server per round, the
-               two servers alternated in 0.5 s slices (a burst of other load on the
-               machine falls on both): gateway req/s ÷ echo req/s (target >= 0.5)
+               servers alternated in 0.5 s slices (a burst of other load on the machine
+               falls on all): gateway req/s ÷ echo req/s (target >= 0.5), and the same
+               against the raw-bytes echo
   tail         open loop at 70 % of the gateway's median saturation, arrivals on a fixed
                schedule, latency counted from the scheduled send time (no coordinated
                omission), `--rounds` times: p99 ÷ p50 (target <= 3)
@@ -13,14 +14,16 @@ Both servers run side by side in a child process each, the load generator in thi
 The gateway path is everything real but the engines: interceptor (request id, deadline,
 admission, metrics; the access log only with `--access-log json|text`, written to
 /dev/null as `clipsearch serve` would format it), validation, the coordinator's fan-out to
-`--shards` stub shards, the exact merge, and response conversion. The echo server returns a
-pre-serialised SearchResponse of the same size as the gateway's answer. The load generator's garbage
-collector is off while it measures (as in `timeit`); the servers keep theirs (frozen
-start-up heap, as `clipsearch serve` runs).
+`--shards` stub shards, the exact merge, and response conversion. The echo (the target's
+denominator) parses each request as a SearchRequest and answers with a SearchResponse equal
+to the gateway's answer, serialised per call, as the gateway does; the raw-bytes echo (the
+figure's denominator until 2026-11-29) takes and returns bytes, grpc's work alone. The load
+generator's garbage collector is off while it measures (as in `timeit`); the servers keep
+theirs (frozen start-up heap, as `clipsearch serve` runs).
 
-With `--pin on` (the default, when at least 2 CPUs are allowed) both servers run on the first
+With `--pin on` (the default, when at least 2 CPUs are allowed) the servers run on the first
 allowed CPU and the load generator on the others, so the generator's own work never competes
-with the server it measures; both servers get exactly the same placement. `--pin off` lets
+with the server it measures; all servers get exactly the same placement. `--pin off` lets
 the scheduler place everything. The output says which was used.
 
 Usage: PYTHONPATH=. python -m bench.gateway [--seconds 5] [--concurrency 32] [--shards 2]
@@ -135,13 +138,18 @@ async def _gateway_main(port_out: Any, shards: int, top_k: int, access_log: str)
     await server.wait_for_termination()
 
 
-async def _echo_main(port_out: Any, reply: bytes) -> None:
-    async def search(request: bytes, context: Any) -> bytes:
-        return reply
-
+async def _echo_main(port_out: Any, reply: bytes, parse: bool) -> None:
+    if parse:  # the fair echo: a SearchRequest parsed, the same SearchResponse serialised
+        answer: Any = search_pb2.SearchResponse.FromString(reply)
+        method = grpc.unary_unary_rpc_method_handler(
+            _answer(answer),
+            request_deserializer=search_pb2.SearchRequest.FromString,
+            response_serializer=search_pb2.SearchResponse.SerializeToString,
+        )
+    else:  # raw bytes both ways: grpc alone
+        method = grpc.unary_unary_rpc_method_handler(_answer(reply))
     handler = grpc.method_handlers_generic_handler(
-        "clipsearch.v1.SearchService",
-        {"Search": grpc.unary_unary_rpc_method_handler(search)},  # raw bytes both ways
+        "clipsearch.v1.SearchService", {"Search": method}
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
@@ -152,6 +160,13 @@ async def _echo_main(port_out: Any, reply: bytes) -> None:
     freeze_startup_heap()  # the same treatment as the gateway
     port_out.put(port)
     await server.wait_for_termination()
+
+
+def _answer(reply: Any) -> Any:
+    async def search(request: Any, context: Any) -> Any:
+        return reply
+
+    return search
 
 
 def _pin(cpus: set[int] | None) -> None:
@@ -167,9 +182,9 @@ def _run_gateway(
     asyncio.run(_gateway_main(port_out, shards, top_k, access_log))
 
 
-def _run_echo(port_out: Any, cpus: set[int] | None, reply: bytes) -> None:
+def _run_echo(port_out: Any, cpus: set[int] | None, reply: bytes, parse: bool) -> None:
     _pin(cpus)
-    asyncio.run(_echo_main(port_out, reply))
+    asyncio.run(_echo_main(port_out, reply, parse))
 
 
 # ---- the load generator ---------------------------------------------------------------------
@@ -313,25 +328,31 @@ def main() -> None:
     # reported, so one burst of noise from other processes on the machine decides neither
     # figure (nor the open-loop rate: one lucky saturation reading would overload it).
     ratios: list[float] = []
+    raw_ratios: list[float] = []
     gw_rates: list[float] = []
     tails: list[tuple[float, float, float]] = []
     gw, port = _start(_run_gateway, server_cpus, args.shards, args.top_k, args.access_log)
-    echo = None
+    echoes: list[Any] = []
     try:
         gw_address = f"127.0.0.1:{port}"
         reply = asyncio.run(_one(gw_address, body))
-        echo, port = _start(_run_echo, server_cpus, reply)
-        echo_address = f"127.0.0.1:{port}"
+        servers = [("gw", gw_address)]
+        for name, parse in (("echo", True), ("raw", False)):
+            proc, port = _start(_run_echo, server_cpus, reply, parse)
+            echoes.append(proc)
+            servers.append((name, f"127.0.0.1:{port}"))
         for n in range(args.rounds):
-            order = [("gw", gw_address), ("echo", echo_address)][:: 1 - 2 * (n % 2)]
+            order = servers[:: 1 - 2 * (n % 2)]
             rps = asyncio.run(
                 _closed_loops(dict(order), body, args.concurrency, args.seconds, SLICE_S)
             )
             gw_rates.append(rps["gw"])
             ratios.append(rps["gw"] / rps["echo"])
+            raw_ratios.append(rps["gw"] / rps["raw"])
             print(
                 f"closed loop {n + 1}: gateway {rps['gw']:,.0f} req/s, echo "
-                f"{rps['echo']:,.0f} req/s, ratio {ratios[-1]:.2f}",
+                f"{rps['echo']:,.0f} req/s (raw bytes {rps['raw']:,.0f}), ratio "
+                f"{ratios[-1]:.2f} (to raw bytes {raw_ratios[-1]:.2f})",
                 flush=True,
             )
         rate = 0.7 * statistics.median(gw_rates)
@@ -346,12 +367,12 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        for proc in (gw, echo):
-            if proc is not None:
-                proc.terminate()
-                proc.join(10)
+        for proc in (gw, *echoes):
+            proc.terminate()
+            proc.join(10)
 
     ratio = statistics.median(ratios)
+    raw_ratio = statistics.median(raw_ratios)
     tail = statistics.median(p99 / p50 for _, p50, p99 in tails)
     rate, p50, p99 = sorted(tails, key=lambda t: t[2] / t[1])[len(tails) // 2]
     placement = (
@@ -373,6 +394,7 @@ def main() -> None:
             ">= 0.5",
             "ok" if ratio >= 0.5 else "MISS",
         ),
+        ("gateway / raw-bytes echo", f"{raw_ratio:.2f}", "", ""),
         (f"open loop at {rate:,.0f} req/s: p50 ms", f"{p50:.2f}", "", ""),
         ("open loop p99 ms", f"{p99:.2f}", "", ""),
         ("p99 / p50 (median of rounds)", f"{tail:.2f}", "<= 3", "ok" if tail <= 3 else "MISS"),
