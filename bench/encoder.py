@@ -16,15 +16,17 @@ this machine and in this run:
 A second table splits the low-load p50 into its parts, all from the same low-load calls:
 the replica's own record of each call (`EncoderDeployment.phase_times`: prepare = hash +
 decode + preprocess for images, tokenise for text; queue = batch wait + hop to the model
-thread; forward; return hop), the same kind of calls made straight on the Serve handle, and
-decode and preprocess of one image timed in this process. Handle overhead = median over
-handle calls of (call latency - the replica's total for that call); gateway + gRPC = the
-same median over gRPC calls minus the handle overhead. The gRPC client runs in the
-gateway's process and event loop, so its own work counts as gateway here. The gateway's
-health canary is turned off (it would put a text forward every 5 s into the measurements).
+thread; forward; return hop), the same kind of calls made straight over the replica's
+direct channel (encoder_service.channel, what the gateway uses) and straight on the Serve
+handle, and decode and preprocess of one image timed in this process. Channel hop / handle
+overhead = median over such calls of (call latency - the replica's total for that call);
+gateway + gRPC = the same median over gRPC calls minus the hop the gateway used (the
+channel's, or with `--channel off` the handle's). The gRPC client runs in the gateway's
+process and event loop, so its own work counts as gateway here. The gateway's health
+canary is turned off (it would put a text forward every 5 s into the measurements).
 
 Usage: PYTHONPATH=. python bench/encoder.py [--dtypes fp32,bf16,int8] [--batch 8]
-         [--threads N] [--seconds 5] [--rounds 2]
+         [--threads N] [--seconds 5] [--rounds 2] [--channel on|off]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from clipsearch.launcher import init_ray  # noqa: E402
 from clipsearch.settings import load_settings  # noqa: E402
 from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
+from encoder_service.channel import pack_text  # noqa: E402
 from encoder_service.images import decode_image  # noqa: E402
 from encoder_service.model import resolve_model  # noqa: E402
 from encoder_service.preprocess import for_processor  # noqa: E402
@@ -186,6 +189,7 @@ class Served:
     channel: grpc.aio.Channel
     server: Any
     handle: Any
+    encoder: Any  # the gateway's RayEncoder
 
     async def image(self, data: bytes) -> np.ndarray:
         reply = await self.stub.EncodeImage(encoder_pb2.EncodeImageRequest(images=[data]))
@@ -201,6 +205,21 @@ class Served:
     async def handle_text(self, text: str) -> np.ndarray:
         return await self.handle.encode_text.remote(text)  # type: ignore[no-any-return]
 
+    async def channel_image(self, data: bytes) -> np.ndarray:
+        return await self._over_channel("image", data)
+
+    async def channel_text(self, text: str) -> np.ndarray:
+        return await self._over_channel("text", pack_text(text, None))
+
+    async def _over_channel(self, kind: str, item: Any) -> np.ndarray:
+        channel = self.encoder.channels.pick()
+        if channel is None:
+            raise RuntimeError("no encoder channel open")
+        (answer,) = await channel.call(kind, [item])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
 
 def encoder_settings(directory: Path, dtype: str, batch: int, threads: int) -> dict[str, Any]:
     return {
@@ -212,7 +231,7 @@ def encoder_settings(directory: Path, dtype: str, batch: int, threads: int) -> d
     }
 
 
-async def start_served(settings: Any) -> Served:
+async def start_served(settings: Any, use_channel: bool) -> Served:
     from ray import serve
 
     from encoder_service.deployment import build_encoder_app
@@ -223,10 +242,14 @@ async def start_served(settings: Any) -> Served:
     app = build_encoder_app(settings.encoder, settings.limits)
     handle = await asyncio.to_thread(serve.run, app, name="bench-encoder", route_prefix=None)
     info = await handle.info.remote()
-    coordinator = Coordinator(RayEncoder(handle, info["model_id"], info["dim"]), [])
+    encoder = RayEncoder(handle, info["model_id"], info["dim"])
+    if not await encoder.connect():
+        raise RuntimeError("the encoder's direct channel did not open")
+    encoder.use_channel = use_channel
+    coordinator = Coordinator(encoder, [])
     server, port, _ = await create_server(coordinator, settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return Served(encoder_pb2_grpc.EncoderServiceStub(channel), channel, server, handle)
+    return Served(encoder_pb2_grpc.EncoderServiceStub(channel), channel, server, handle, encoder)
 
 
 async def set_batch(settings: Any, batch: int) -> None:
@@ -333,7 +356,7 @@ async def measure(
         demo_corpus=0,
         encoder=encoder_settings(directory, dtype, b, args.threads),
     )
-    served = await start_served(settings)
+    served = await start_served(settings, args.channel == "on")
     f: dict[str, float] = {}
     split: dict[str, dict[str, float]] = {}
 
@@ -343,18 +366,26 @@ async def measure(
         return f[name] == value
 
     async def low_load(kind: str, inputs: list[Any], via_handle: list[Any]) -> None:
-        """Low-load p50 through gRPC and its split; the round with the best p50 is kept."""
-        grpc_call, handle_call = (
-            (served.image, served.handle_image)
+        """Low-load p50 through gRPC and its split; the round with the best p50 is kept.
+        The direct calls (channel, handle) take `via_handle`'s halves."""
+        grpc_call, handle_call, channel_call = (
+            (served.image, served.handle_image, served.channel_image)
             if kind == "img"
-            else (served.text, served.handle_text)
+            else (served.text, served.handle_text, served.channel_text)
         )
         queue = "image" if kind == "img" else "text"
         samples = await served_latency(grpc_call, inputs)
         parts = await replica_split(served, queue, samples)
-        via = await served_latency(handle_call, via_handle)
-        parts["handle_p50"] = statistics.median(via)
-        parts["handle_outside_s"] = (await replica_split(served, queue, via))["outside_s"]
+        half = len(via_handle) // 2
+        for name, call, items in (
+            ("handle", handle_call, via_handle[:half]),
+            ("channel", channel_call, via_handle[half:]),
+        ):
+            via = await served_latency(call, items)
+            parts[f"{name}_p50"] = statistics.median(via)
+            parts[f"{name}_outside_s"] = (await replica_split(served, queue, via))["outside_s"]
+        hop = "channel" if served.encoder.use_channel else "handle"
+        parts["gateway_s"] = parts["outside_s"] - parts[f"{hop}_outside_s"]
         parts["grpc_p50"] = statistics.median(samples)
         if best(f"lat_{kind}", parts["grpc_p50"], True):
             split[kind] = parts
@@ -366,9 +397,9 @@ async def measure(
             best("raw_txt", raw_throughput(lambda: raw.text_features(tokens_b), b, sec / 2))
             best("srv_txt", await served_throughput(served.text, texts, sec / 2))
             best("raw_img_1", raw_latency(lambda: raw.image_features(pixels_1)), True)
-            await low_load("img", images[:21], images[21:42])
+            await low_load("img", images[:21], images[21:63])
             best("raw_txt_1", raw_latency(lambda: raw.text_features(tokens_1)), True)
-            await low_load("txt", texts[:31], texts[31:62])
+            await low_load("txt", texts[:31], texts[31:93])
             decode_s, preprocess_s = intake_seconds(raw, images[:21])
             best("decode_1", decode_s, True)
             best("preprocess_1", preprocess_s, True)
@@ -380,6 +411,8 @@ async def measure(
         f["cos_img"] = float(np.min(np.sum(got_img * oracle["image"], axis=1)))
         f["cos_txt"] = float(np.min(np.sum(got_txt * oracle["text"], axis=1)))
         await set_batch(settings, 1)
+        if served.encoder.use_channel:  # the restarted replica's channel, at once
+            await served.encoder.connect()
         for _ in range(args.rounds):
             best("srv_img_1", await served_throughput(served.image, images, sec))
             best("srv_txt_1", await served_throughput(served.text, texts, sec / 2))
@@ -441,9 +474,10 @@ def table(rows: list[Row], batch: int) -> str:
 def split_table(rows: list[Row]) -> str:
     """The low-load p50 taken apart, in ms (see the module docstring)."""
     lines = [
-        "| dtype, input | gRPC p50 | handle p50 | replica total | prepare | queue wait "
-        "| forward in replica / raw | return hop | handle overhead | gateway + gRPC |",
-        "|" + "---|" * 10,
+        "| dtype, input | gRPC p50 | channel p50 | handle p50 | replica total | prepare "
+        "| queue wait | forward in replica / raw | return hop | channel hop | handle overhead "
+        "| gateway + gRPC |",
+        "|" + "---|" * 12,
     ]
     for row in rows:
         f = row.figures
@@ -455,10 +489,11 @@ def split_table(rows: list[Row]) -> str:
                     f" (decode {f['decode_1'] * 1000:.1f} + pre {f['preprocess_1'] * 1000:.1f})"
                 )
             lines.append(
-                f"| {row.dtype}, {name} | {p['grpc_p50']:.1f} | {p['handle_p50']:.1f} "
-                f"| {p['total_s']:.1f} | {prepare} | {p['queue_s']:.1f} "
+                f"| {row.dtype}, {name} | {p['grpc_p50']:.1f} | {p['channel_p50']:.1f} "
+                f"| {p['handle_p50']:.1f} | {p['total_s']:.1f} | {prepare} | {p['queue_s']:.1f} "
                 f"| {p['forward_s']:.1f} / {f[raw_key] * 1000:.1f} | {p['return_s']:.1f} "
-                f"| {p['handle_outside_s']:.1f} | {p['outside_s'] - p['handle_outside_s']:.1f} |"
+                f"| {p['channel_outside_s']:.1f} | {p['handle_outside_s']:.1f} "
+                f"| {p['gateway_s']:.1f} |"
             )
     return "\n".join(lines)
 
@@ -506,6 +541,7 @@ def in_children(args: argparse.Namespace) -> list[Row]:
             out = Path(scratch) / "row.json"
             options = [f"--{name}={getattr(args, name)}" for name in ("batch", "threads")]
             options += [f"--seconds={args.seconds}", f"--rounds={args.rounds}"]
+            options += [f"--channel={args.channel}"]
             command = [sys.executable, os.path.abspath(__file__), f"--dtypes={dtype}", *options]
             subprocess.run([*command, f"--json={out}"], check=True)
             rows.append(Row(**json.loads(out.read_text())))
@@ -519,6 +555,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--channel",
+        choices=("on", "off"),
+        default="on",
+        help="off: the gateway calls the Serve handle only (the path before the channel)",
+    )
     parser.add_argument("--json", help="write the row here (one dtype; used by the parent)")
     args = parser.parse_args()
     if "," in args.dtypes:
