@@ -11,7 +11,11 @@ the same queries (one at a time, top_k 10) through every layer of the vector-sea
                direct search channel per shard (index_service.channel) -> Shard engine ->
                merge -> response
   served/ray   the same with every shard search a Ray actor call (`use_channel` off)
+  faiss/idle   in-process Faiss again, idling IDLE_GAP before each query as a shard does
+               between served queries (caches and the idle vCPU go cold: what the served
+               path pays on top of the warm loop above, with no code of ours involved)
   coordinator  the same search from inside the gateway's event loop, without gRPC
+  coord/idle   the same, idling IDLE_GAP before each search
   served/ghz   the served search sent by ghz (Go, ~0.1 ms of its own per call)
   ghz floor    ghz against a bare grpc.aio server answering a same-size Search response
   coord/ray    the same with Ray actor calls
@@ -69,6 +73,7 @@ EF_SEARCH = 64
 CONCURRENCY = 16  # callers in the throughput row
 SECONDS = 2.0  # per throughput round
 ROUNDS = 3
+IDLE_GAP = 0.002  # the /idle rows: about a served query's round trip between two searches
 
 
 @dataclass
@@ -89,20 +94,28 @@ def _p(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1000.0, q))
 
 
-def _time(fn: Callable[[int], object], n: int) -> list[float]:
+def _time(fn: Callable[[int], object], n: int, gap: float = 0.0) -> list[float]:
+    """Per-call seconds; `gap` idles that long before each call (as a served query finds
+    the shard: the next search comes a client and gateway round trip after the last)."""
     fn(0)  # warm-up
     out = []
     for i in range(n):
+        if gap:
+            time.sleep(gap)
         t = time.perf_counter()
         fn(i)
         out.append(time.perf_counter() - t)
     return out
 
 
-async def _time_async(fn: Callable[[int], Awaitable[object]], n: int) -> list[float]:
+async def _time_async(
+    fn: Callable[[int], Awaitable[object]], n: int, gap: float = 0.0
+) -> list[float]:
     await fn(0)
     out = []
     for i in range(n):
+        if gap:
+            await asyncio.sleep(gap)
         t = time.perf_counter()
         await fn(i)
         out.append(time.perf_counter() - t)
@@ -208,6 +221,7 @@ def _measure(
     params = _params(served.factory)
     raw = _raw_index(served.factory, vecs)
     raw_s = _time(lambda i: raw.search(queries[i : i + 1], K), n)
+    raw_idle_s = _time(lambda i: raw.search(queries[i : i + 1], K), n, IDLE_GAP)
     served_s = _caller(served, queries[: n + 1], params)
 
     async def coord(i: int) -> object:
@@ -219,6 +233,7 @@ def _measure(
 
     ghz_rows = _ghz_rows(served, queries[: n + 1], params, run)
     coord_s = run(_time_async(coord, n))
+    coord_idle_s = run(_time_async(coord, n, IDLE_GAP))
     _use_channel(served, False)
     served_ray_s = _caller(served, queries[: n + 1], params)
     coord_ray_s = run(_time_async(coord, n))
@@ -228,10 +243,12 @@ def _measure(
     return [
         f"{served.factory}:",
         _row("faiss", raw_s),
+        _row("faiss/idle", raw_idle_s, r),
         _row("served", served_s, r),
         _row("served/ray", served_ray_s, r),
         *(_row(name, samples, r) for name, samples in ghz_rows),
         _row("coordinator", coord_s, r),
+        _row("coord/idle", coord_idle_s, r),
         _row("coord/ray", coord_ray_s, r),
         _row("ray floor", floor_s),
         _throughput_row(served, lambda i: coord(i % n), run),
