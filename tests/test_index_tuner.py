@@ -3,6 +3,8 @@ depth with nprobe), and it holds on queries it never saw."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -106,4 +108,36 @@ def test_lossy_rerank_depth_grows_with_the_index_until_it_is_retuned() -> None:
         for q in _data[N:]
     ]
     assert np.mean(got) >= 0.85
+    shard.close()
+
+
+def test_hnsw_ef_search_grows_with_the_graph_until_it_is_retuned() -> None:
+    """At a fixed efSearch recall falls as the graph grows; the default ef grows with the
+    square root of the growth between retunings, so recall holds."""
+    shard = built("HNSW16", _data[:4000], train_min=4000, target_recall=0.95)
+    op = shard.stats().indexes[0].operating_point
+    assert op is not None and op.ef_search > 0
+    index = shard._indexes[Modality.IMAGE]
+    assert index.default_params().ef_search == op.ef_search
+    shard.upsert(docs(_data[4000:7600], start=4000))  # 1.9x: no retune yet
+    assert shard.wait_for_rebuilds(60)
+    assert shard.stats().indexes[0].operating_point is op
+    writes = docs(_data[:7600])
+
+    def measured(params: SearchParams | None) -> float:
+        got = [
+            recall(
+                [r.id for r in shard.search(Modality.IMAGE, q, 10, params=params).records],
+                brute(writes, q, 10),
+            )
+            for q in _data[N:]
+        ]
+        return float(np.mean(got))
+
+    grown = index.default_params().ef_search
+    assert grown == min(4096, math.ceil(op.ef_search * math.sqrt(7600 / 4000)))
+    assert grown > op.ef_search
+    now = measured(None)
+    assert now >= 0.95 - 0.01  # queries the tuner never saw, on the grown graph
+    assert now >= measured(SearchParams(ef_search=op.ef_search))
     shard.close()
