@@ -171,6 +171,32 @@ async def test_cancelled_callers_leave_the_channel_usable(
     assert (await handle.channel_stats.remote())["in_flight"] == 0
 
 
+class OtherNode:
+    """The handle as a gateway on another node sees it: every replica's channel elsewhere."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self.channel_addresses = self  # `.channel_addresses.remote()` lands on `remote`
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    async def remote(self) -> list[tuple[str, str]]:
+        found = await self._handle.channel_addresses.remote()
+        return [("another-node", address) for _, address in found]
+
+
+async def test_a_gateway_on_another_node_uses_the_handle(
+    handle: DeploymentHandle, model_dir: Path
+) -> None:
+    encoder = RayEncoder(OtherNode(handle), str(model_dir), 32)
+    assert not await encoder.connect()
+    before = await channel_requests(handle)
+    vectors = await encoder.encode_texts(["from afar", "and again"])
+    assert vectors.shape == (2, 32)
+    assert await channel_requests(handle) == before and encoder.channel_calls == 0
+
+
 async def test_a_killed_replica_falls_back_to_the_handle_and_the_channel_returns(
     ray_cluster: None, model_dir: Path
 ) -> None:
