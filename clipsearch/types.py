@@ -118,7 +118,9 @@ class IndexStats:
     """One modality's index inside a shard.
 
     `bytes_per_vector` counts the index and the raw vectors kept beside it (for retraining,
-    exact re-ranking and filtered scans), divided by live vectors.
+    exact re-ranking and filtered scans), divided by live vectors. `defaults` are the knobs
+    a search without parameters uses now (None for exact search): the operating point,
+    widened with the vectors added since it was tuned.
     """
 
     modality: Modality
@@ -129,6 +131,7 @@ class IndexStats:
     bytes_per_vector: float
     rebuilding: bool
     operating_point: OperatingPoint | None = None
+    defaults: SearchParams | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,6 +397,11 @@ def index_stats(s: IndexStats) -> admin_pb2.IndexStats:
                 rerank_factor=op.rerank,
             )
         )
+    if s.defaults is not None:
+        d = s.defaults
+        msg.search_defaults.CopyFrom(
+            search_pb2.SearchParams(nprobe=d.nprobe, ef_search=d.ef_search, rerank_factor=d.rerank)
+        )
     return msg
 
 

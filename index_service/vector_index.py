@@ -238,7 +238,18 @@ class VectorIndex:
             bytes_per_vector=held / live if live else 0.0,
             rebuilding=self.rebuilding,
             operating_point=self._op,
+            defaults=self._knobs(self.default_params()),
         )
+
+    def _knobs(self, sp: SearchParams) -> SearchParams | None:
+        """The settings of `sp` the active index type has (None: exact search has none)."""
+        spec = self._active_spec
+        rerank = sp.rerank if spec.lossy else 0
+        if spec.family is Family.IVF:
+            return SearchParams(nprobe=min(sp.nprobe, spec.nlist), rerank=rerank)
+        if spec.family is Family.HNSW:
+            return SearchParams(ef_search=sp.ef_search, rerank=rerank)
+        return None
 
     @property
     def rebuilding(self) -> bool:

@@ -74,6 +74,9 @@ def test_exact_codes_have_no_rerank_depth() -> None:
     shard = built("IVF64,Flat", _data[:4000], train_min=4000)
     op = shard.stats().indexes[0].operating_point
     assert op is not None and op.rerank == 0 and op.nprobe >= 1
+    assert shard.stats().indexes[0].defaults == SearchParams(nprobe=op.nprobe)
+    assert shard.stats().indexes[1].defaults is None  # no text vectors: exact search
+    assert not convert.index_stats(shard.stats().indexes[1]).HasField("search_defaults")
     shard.close()
 
 
@@ -102,6 +105,8 @@ def test_lossy_rerank_depth_grows_with_the_index_until_it_is_retuned() -> None:
     assert shard.wait_for_rebuilds(60)
     assert shard.stats().indexes[0].operating_point is op
     assert index.default_params().rerank == min(64, -(-op.rerank * 3600 // 2000))
+    defaults = shard.stats().indexes[0].defaults
+    assert defaults == SearchParams(nprobe=op.nprobe, rerank=index.default_params().rerank)
     writes = docs(_data[:3600])
     got = [
         recall([r.id for r in shard.search(Modality.IMAGE, q, 10).records], brute(writes, q, 10))
@@ -137,6 +142,10 @@ def test_hnsw_ef_search_grows_with_the_graph_until_it_is_retuned() -> None:
     grown = index.default_params().ef_search
     assert grown == min(4096, math.ceil(op.ef_search * math.sqrt(7600 / 4000)))
     assert grown > op.ef_search
+    # Operators see both: the tuned point and what searches use now.
+    shown = convert.index_stats(shard.stats().indexes[0])
+    assert shown.operating_point.ef_search == op.ef_search
+    assert (shown.search_defaults.ef_search, shown.search_defaults.nprobe) == (grown, 0)
     now = measured(None)
     assert now >= 0.95 - 0.01  # queries the tuner never saw, on the grown graph
     assert now >= measured(SearchParams(ef_search=op.ef_search))

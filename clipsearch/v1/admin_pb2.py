@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from clipsearch.v1 import common_pb2 as clipsearch_dot_v1_dot_common__pb2
+from clipsearch.v1 import search_pb2 as clipsearch_dot_v1_dot_search__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipsearch/v1/admin.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\"\x0e\n\x0cStatsRequest\"\xc1\x01\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x15\n\rimage_vectors\x18\x03 \x01(\x04\x12\x14\n\x0ctext_vectors\x18\x04 \x01(\x04\x12*\n\x07indexes\x18\x05 \x03(\x0b\x32\x19.clipsearch.v1.IndexStats\x12\x14\n\x0csnapshot_seq\x18\x06 \x01(\x04\x12\"\n\x1alog_records_since_snapshot\x18\x07 \x01(\x04\"\xf0\x01\n\nIndexStats\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12\x13\n\x0b\x61\x63tive_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63onfigured_type\x18\x03 \x01(\t\x12\x0f\n\x07vectors\x18\x04 \x01(\x04\x12\x12\n\ntombstones\x18\x05 \x01(\x04\x12\x18\n\x10\x62ytes_per_vector\x18\x06 \x01(\x01\x12\x12\n\nrebuilding\x18\x07 \x01(\x08\x12\x36\n\x0foperating_point\x18\x08 \x01(\x0b\x32\x1d.clipsearch.v1.OperatingPoint\"\x89\x01\n\x0eOperatingPoint\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\x15\n\rtarget_recall\x18\x04 \x01(\x01\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0b\n\x03qps\x18\x06 \x01(\x01\x12\x15\n\rrerank_factor\x18\x07 \x01(\r\"\xa8\x01\n\x0e\x42\x61tchHistogram\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12;\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32*.clipsearch.v1.BatchHistogram.BatchesEntry\x1a.\n\x0c\x42\x61tchesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"b\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\"\x82\x02\n\x0c\x45ncoderStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x12\n\nimage_size\x18\x07 \x01(\r\x12\x32\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x0b\x32\x1d.clipsearch.v1.BatchHistogram\x12(\n\x05\x63\x61\x63he\x18\t \x01(\x0b\x32\x19.clipsearch.v1.CacheStats\x12\x10\n\x08replicas\x18\n \x01(\r\"\xba\x01\n\rStatsResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nindex_type\x18\x03 \x01(\t\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.clipsearch.v1.ShardStats\x12\x17\n\x0ftotal_documents\x18\x05 \x01(\x04\x12,\n\x07\x65ncoder\x18\x06 \x01(\x0b\x32\x1b.clipsearch.v1.EncoderStats2R\n\x0c\x41\x64minService\x12\x42\n\x05Stats\x12\x1b.clipsearch.v1.StatsRequest\x1a\x1c.clipsearch.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipsearch/v1/admin.proto\x12\rclipsearch.v1\x1a\x1a\x63lipsearch/v1/common.proto\x1a\x1a\x63lipsearch/v1/search.proto\"\x0e\n\x0cStatsRequest\"\xc1\x01\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x15\n\rimage_vectors\x18\x03 \x01(\x04\x12\x14\n\x0ctext_vectors\x18\x04 \x01(\x04\x12*\n\x07indexes\x18\x05 \x03(\x0b\x32\x19.clipsearch.v1.IndexStats\x12\x14\n\x0csnapshot_seq\x18\x06 \x01(\x04\x12\"\n\x1alog_records_since_snapshot\x18\x07 \x01(\x04\"\xa6\x02\n\nIndexStats\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12\x13\n\x0b\x61\x63tive_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63onfigured_type\x18\x03 \x01(\t\x12\x0f\n\x07vectors\x18\x04 \x01(\x04\x12\x12\n\ntombstones\x18\x05 \x01(\x04\x12\x18\n\x10\x62ytes_per_vector\x18\x06 \x01(\x01\x12\x12\n\nrebuilding\x18\x07 \x01(\x08\x12\x36\n\x0foperating_point\x18\x08 \x01(\x0b\x32\x1d.clipsearch.v1.OperatingPoint\x12\x34\n\x0fsearch_defaults\x18\t \x01(\x0b\x32\x1b.clipsearch.v1.SearchParams\"\x89\x01\n\x0eOperatingPoint\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\x15\n\rtarget_recall\x18\x04 \x01(\x01\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0b\n\x03qps\x18\x06 \x01(\x01\x12\x15\n\rrerank_factor\x18\x07 \x01(\r\"\xa8\x01\n\x0e\x42\x61tchHistogram\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.clipsearch.v1.Modality\x12;\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32*.clipsearch.v1.BatchHistogram.BatchesEntry\x1a.\n\x0c\x42\x61tchesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"b\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\"\x82\x02\n\x0c\x45ncoderStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x12\n\nimage_size\x18\x07 \x01(\r\x12\x32\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x0b\x32\x1d.clipsearch.v1.BatchHistogram\x12(\n\x05\x63\x61\x63he\x18\t \x01(\x0b\x32\x19.clipsearch.v1.CacheStats\x12\x10\n\x08replicas\x18\n \x01(\r\"\xba\x01\n\rStatsResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nindex_type\x18\x03 \x01(\t\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.clipsearch.v1.ShardStats\x12\x17\n\x0ftotal_documents\x18\x05 \x01(\x04\x12,\n\x07\x65ncoder\x18\x06 \x01(\x0b\x32\x1b.clipsearch.v1.EncoderStats2R\n\x0c\x41\x64minService\x12\x42\n\x05Stats\x12\x1b.clipsearch.v1.StatsRequest\x1a\x1c.clipsearch.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BATCHHISTOGRAM_BATCHESENTRY']._loaded_options = None
   _globals['_BATCHHISTOGRAM_BATCHESENTRY']._serialized_options = b'8\001'
-  _globals['_STATSREQUEST']._serialized_start=72
-  _globals['_STATSREQUEST']._serialized_end=86
-  _globals['_SHARDSTATS']._serialized_start=89
-  _globals['_SHARDSTATS']._serialized_end=282
-  _globals['_INDEXSTATS']._serialized_start=285
-  _globals['_INDEXSTATS']._serialized_end=525
-  _globals['_OPERATINGPOINT']._serialized_start=528
-  _globals['_OPERATINGPOINT']._serialized_end=665
-  _globals['_BATCHHISTOGRAM']._serialized_start=668
-  _globals['_BATCHHISTOGRAM']._serialized_end=836
-  _globals['_BATCHHISTOGRAM_BATCHESENTRY']._serialized_start=790
-  _globals['_BATCHHISTOGRAM_BATCHESENTRY']._serialized_end=836
-  _globals['_CACHESTATS']._serialized_start=838
-  _globals['_CACHESTATS']._serialized_end=936
-  _globals['_ENCODERSTATS']._serialized_start=939
-  _globals['_ENCODERSTATS']._serialized_end=1197
-  _globals['_STATSRESPONSE']._serialized_start=1200
-  _globals['_STATSRESPONSE']._serialized_end=1386
-  _globals['_ADMINSERVICE']._serialized_start=1388
-  _globals['_ADMINSERVICE']._serialized_end=1470
+  _globals['_STATSREQUEST']._serialized_start=100
+  _globals['_STATSREQUEST']._serialized_end=114
+  _globals['_SHARDSTATS']._serialized_start=117
+  _globals['_SHARDSTATS']._serialized_end=310
+  _globals['_INDEXSTATS']._serialized_start=313
+  _globals['_INDEXSTATS']._serialized_end=607
+  _globals['_OPERATINGPOINT']._serialized_start=610
+  _globals['_OPERATINGPOINT']._serialized_end=747
+  _globals['_BATCHHISTOGRAM']._serialized_start=750
+  _globals['_BATCHHISTOGRAM']._serialized_end=918
+  _globals['_BATCHHISTOGRAM_BATCHESENTRY']._serialized_start=872
+  _globals['_BATCHHISTOGRAM_BATCHESENTRY']._serialized_end=918
+  _globals['_CACHESTATS']._serialized_start=920
+  _globals['_CACHESTATS']._serialized_end=1018
+  _globals['_ENCODERSTATS']._serialized_start=1021
+  _globals['_ENCODERSTATS']._serialized_end=1279
+  _globals['_STATSRESPONSE']._serialized_start=1282
+  _globals['_STATSRESPONSE']._serialized_end=1468
+  _globals['_ADMINSERVICE']._serialized_start=1470
+  _globals['_ADMINSERVICE']._serialized_end=1552
 # @@protoc_insertion_point(module_scope)

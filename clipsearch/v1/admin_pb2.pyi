@@ -1,4 +1,5 @@
 from clipsearch.v1 import common_pb2 as _common_pb2
+from clipsearch.v1 import search_pb2 as _search_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -30,7 +31,7 @@ class ShardStats(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., documents: _Optional[int] = ..., image_vectors: _Optional[int] = ..., text_vectors: _Optional[int] = ..., indexes: _Optional[_Iterable[_Union[IndexStats, _Mapping]]] = ..., snapshot_seq: _Optional[int] = ..., log_records_since_snapshot: _Optional[int] = ...) -> None: ...
 
 class IndexStats(_message.Message):
-    __slots__ = ("modality", "active_type", "configured_type", "vectors", "tombstones", "bytes_per_vector", "rebuilding", "operating_point")
+    __slots__ = ("modality", "active_type", "configured_type", "vectors", "tombstones", "bytes_per_vector", "rebuilding", "operating_point", "search_defaults")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +40,7 @@ class IndexStats(_message.Message):
     BYTES_PER_VECTOR_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
     OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     modality: _common_pb2.Modality
     active_type: str
     configured_type: str
@@ -47,7 +49,8 @@ class IndexStats(_message.Message):
     bytes_per_vector: float
     rebuilding: bool
     operating_point: OperatingPoint
-    def __init__(self, modality: _Optional[_Union[_common_pb2.Modality, str]] = ..., active_type: _Optional[str] = ..., configured_type: _Optional[str] = ..., vectors: _Optional[int] = ..., tombstones: _Optional[int] = ..., bytes_per_vector: _Optional[float] = ..., rebuilding: _Optional[bool] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ...) -> None: ...
+    search_defaults: _search_pb2.SearchParams
+    def __init__(self, modality: _Optional[_Union[_common_pb2.Modality, str]] = ..., active_type: _Optional[str] = ..., configured_type: _Optional[str] = ..., vectors: _Optional[int] = ..., tombstones: _Optional[int] = ..., bytes_per_vector: _Optional[float] = ..., rebuilding: _Optional[bool] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., search_defaults: _Optional[_Union[_search_pb2.SearchParams, _Mapping]] = ...) -> None: ...
 
 class OperatingPoint(_message.Message):
     __slots__ = ("nprobe", "ef_search", "recall", "target_recall", "k", "qps", "rerank_factor")

@@ -177,6 +177,11 @@ type IndexStats struct {
 	Rebuilding bool `protobuf:"varint,7,opt,name=rebuilding,proto3" json:"rebuilding,omitempty"`
 	// Default search parameters chosen by the tuner, and the recall they measured.
 	OperatingPoint *OperatingPoint `protobuf:"bytes,8,opt,name=operating_point,json=operatingPoint,proto3" json:"operating_point,omitempty"`
+	// What a search without search_params uses now: the operating point, widened with the
+	// vectors added since it was tuned (ef_search x sqrt(growth); rerank_factor x growth, at
+	// most 64), so recall holds until the index is retuned at twice its tuned size. Only the
+	// active type's knobs are set; unset for exact (Flat) search.
+	SearchDefaults *SearchParams `protobuf:"bytes,9,opt,name=search_defaults,json=searchDefaults,proto3" json:"search_defaults,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -267,9 +272,17 @@ func (x *IndexStats) GetOperatingPoint() *OperatingPoint {
 	return nil
 }
 
+func (x *IndexStats) GetSearchDefaults() *SearchParams {
+	if x != nil {
+		return x.SearchDefaults
+	}
+	return nil
+}
+
 // The tuner's choice: the fastest setting (nprobe or ef_search, and for lossy indexes the
 // re-rank depth) whose recall@k against exact search on a held-out sample of stored vectors
-// reached target_recall. Retuned (with a retrain) whenever the index has doubled since.
+// reached target_recall. Retuned (with a retrain) whenever the index has doubled since;
+// meanwhile searches use IndexStats.search_defaults, this point widened with the growth.
 type OperatingPoint struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Nprobe   uint32                 `protobuf:"varint,1,opt,name=nprobe,proto3" json:"nprobe,omitempty"`
@@ -709,7 +722,7 @@ var File_clipsearch_v1_admin_proto protoreflect.FileDescriptor
 
 const file_clipsearch_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x19clipsearch/v1/admin.proto\x12\rclipsearch.v1\x1a\x1aclipsearch/v1/common.proto\"\x0e\n" +
+	"\x19clipsearch/v1/admin.proto\x12\rclipsearch.v1\x1a\x1aclipsearch/v1/common.proto\x1a\x1aclipsearch/v1/search.proto\"\x0e\n" +
 	"\fStatsRequest\"\x9d\x02\n" +
 	"\n" +
 	"ShardStats\x12\x14\n" +
@@ -719,7 +732,7 @@ const file_clipsearch_v1_admin_proto_rawDesc = "" +
 	"\ftext_vectors\x18\x04 \x01(\x04R\vtextVectors\x123\n" +
 	"\aindexes\x18\x05 \x03(\v2\x19.clipsearch.v1.IndexStatsR\aindexes\x12!\n" +
 	"\fsnapshot_seq\x18\x06 \x01(\x04R\vsnapshotSeq\x12;\n" +
-	"\x1alog_records_since_snapshot\x18\a \x01(\x04R\x17logRecordsSinceSnapshot\"\xd7\x02\n" +
+	"\x1alog_records_since_snapshot\x18\a \x01(\x04R\x17logRecordsSinceSnapshot\"\x9d\x03\n" +
 	"\n" +
 	"IndexStats\x123\n" +
 	"\bmodality\x18\x01 \x01(\x0e2\x17.clipsearch.v1.ModalityR\bmodality\x12\x1f\n" +
@@ -734,7 +747,8 @@ const file_clipsearch_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"rebuilding\x18\a \x01(\bR\n" +
 	"rebuilding\x12F\n" +
-	"\x0foperating_point\x18\b \x01(\v2\x1d.clipsearch.v1.OperatingPointR\x0eoperatingPoint\"\xc7\x01\n" +
+	"\x0foperating_point\x18\b \x01(\v2\x1d.clipsearch.v1.OperatingPointR\x0eoperatingPoint\x12D\n" +
+	"\x0fsearch_defaults\x18\t \x01(\v2\x1b.clipsearch.v1.SearchParamsR\x0esearchDefaults\"\xc7\x01\n" +
 	"\x0eOperatingPoint\x12\x16\n" +
 	"\x06nprobe\x18\x01 \x01(\rR\x06nprobe\x12\x1b\n" +
 	"\tef_search\x18\x02 \x01(\rR\befSearch\x12\x16\n" +
@@ -807,24 +821,26 @@ var file_clipsearch_v1_admin_proto_goTypes = []any{
 	(*StatsResponse)(nil),  // 7: clipsearch.v1.StatsResponse
 	nil,                    // 8: clipsearch.v1.BatchHistogram.BatchesEntry
 	(Modality)(0),          // 9: clipsearch.v1.Modality
+	(*SearchParams)(nil),   // 10: clipsearch.v1.SearchParams
 }
 var file_clipsearch_v1_admin_proto_depIdxs = []int32{
 	2,  // 0: clipsearch.v1.ShardStats.indexes:type_name -> clipsearch.v1.IndexStats
 	9,  // 1: clipsearch.v1.IndexStats.modality:type_name -> clipsearch.v1.Modality
 	3,  // 2: clipsearch.v1.IndexStats.operating_point:type_name -> clipsearch.v1.OperatingPoint
-	9,  // 3: clipsearch.v1.BatchHistogram.modality:type_name -> clipsearch.v1.Modality
-	8,  // 4: clipsearch.v1.BatchHistogram.batches:type_name -> clipsearch.v1.BatchHistogram.BatchesEntry
-	4,  // 5: clipsearch.v1.EncoderStats.batch_sizes:type_name -> clipsearch.v1.BatchHistogram
-	5,  // 6: clipsearch.v1.EncoderStats.cache:type_name -> clipsearch.v1.CacheStats
-	1,  // 7: clipsearch.v1.StatsResponse.shards:type_name -> clipsearch.v1.ShardStats
-	6,  // 8: clipsearch.v1.StatsResponse.encoder:type_name -> clipsearch.v1.EncoderStats
-	0,  // 9: clipsearch.v1.AdminService.Stats:input_type -> clipsearch.v1.StatsRequest
-	7,  // 10: clipsearch.v1.AdminService.Stats:output_type -> clipsearch.v1.StatsResponse
-	10, // [10:11] is the sub-list for method output_type
-	9,  // [9:10] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	10, // 3: clipsearch.v1.IndexStats.search_defaults:type_name -> clipsearch.v1.SearchParams
+	9,  // 4: clipsearch.v1.BatchHistogram.modality:type_name -> clipsearch.v1.Modality
+	8,  // 5: clipsearch.v1.BatchHistogram.batches:type_name -> clipsearch.v1.BatchHistogram.BatchesEntry
+	4,  // 6: clipsearch.v1.EncoderStats.batch_sizes:type_name -> clipsearch.v1.BatchHistogram
+	5,  // 7: clipsearch.v1.EncoderStats.cache:type_name -> clipsearch.v1.CacheStats
+	1,  // 8: clipsearch.v1.StatsResponse.shards:type_name -> clipsearch.v1.ShardStats
+	6,  // 9: clipsearch.v1.StatsResponse.encoder:type_name -> clipsearch.v1.EncoderStats
+	0,  // 10: clipsearch.v1.AdminService.Stats:input_type -> clipsearch.v1.StatsRequest
+	7,  // 11: clipsearch.v1.AdminService.Stats:output_type -> clipsearch.v1.StatsResponse
+	11, // [11:12] is the sub-list for method output_type
+	10, // [10:11] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_clipsearch_v1_admin_proto_init() }
@@ -833,6 +849,7 @@ func file_clipsearch_v1_admin_proto_init() {
 		return
 	}
 	file_clipsearch_v1_common_proto_init()
+	file_clipsearch_v1_search_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
