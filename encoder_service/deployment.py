@@ -279,6 +279,11 @@ class EncoderDeployment:
             coros = [self.encode_image(data) for data in items]
         else:
             raise InvalidArgument(f"unknown input kind {kind!r}; use 'text' or 'image'")
+        if len(coros) == 1:  # most direct-channel calls: no gather task (~35 us a call)
+            try:
+                return [await coros[0]]
+            except Exception as exc:
+                return [exc]
         return list(await asyncio.gather(*coros, return_exceptions=True))
 
     async def channel_addresses(self) -> list[tuple[str, str]]:
