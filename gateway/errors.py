@@ -50,6 +50,7 @@ def status_of(exc: errors.ClipsearchError) -> grpc.StatusCode:
 
 
 _OK = grpc.StatusCode.OK
+_DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -136,6 +137,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = perf_counter()
             code = _OK
             admitted = False
+            deadline = float("inf")
             try:
                 if limited and self.draining:
                     raise errors.Unavailable("the server is shutting down; retry elsewhere")
@@ -155,9 +157,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if metrics is not None and admitted:
                         metrics.rpc_started(klass)
                 remaining = context.time_remaining()
-                timeout = default_timeout_s if remaining is None else max(remaining, 0.0)
-                set_deadline(now() + timeout)
-                async with asyncio.timeout(timeout):  # no task per call
+                if remaining is None:  # no client deadline: the default, enforced here
+                    deadline = now() + default_timeout_s
+                    set_deadline(deadline)
+                    async with asyncio.timeout(default_timeout_s):  # no task per call
+                        response = await behavior(request, context)
+                else:  # grpc cancels this call at the client's deadline
+                    deadline = now() + max(remaining, 0.0)
+                    set_deadline(deadline)
                     response = await behavior(request, context)
                 if metrics is not None:
                     timings = getattr(response, "timings", None)
@@ -170,13 +177,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     metrics.rpc_rejected(klass)
                 await context.abort(code, str(exc))
             except TimeoutError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                code = _DEADLINE
                 await context.abort(code, "deadline exceeded before the answer was ready")
             except grpc.aio.AbortError:
                 code = _code_of(context)
                 raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+            except asyncio.CancelledError:  # the client left, or its deadline passed
+                code = _DEADLINE if now() >= deadline - 0.001 else grpc.StatusCode.CANCELLED
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL

@@ -52,8 +52,10 @@ def _request() -> search_pb2.SearchRequest:
 
 
 async def test_short_deadline_is_exceeded_promptly_and_the_shard_work_cancelled() -> None:
+    """grpc cancels the handler at the client's deadline (the gateway sets no timer of its
+    own then); the call still counts as DEADLINE_EXCEEDED, not CANCELLED, and leaves."""
     slow = SlowShard(1, delay_s=60)
-    async with gateway(shards=[LocalShard(Shard(0, DIM)), slow]) as (port, _):
+    async with gateway(shards=[LocalShard(Shard(0, DIM)), slow]) as (port, health):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             started = time.monotonic()
@@ -63,6 +65,16 @@ async def test_short_deadline_is_exceeded_promptly_and_the_shard_work_cancelled(
             assert time.monotonic() - started < 5
             await asyncio.wait_for(slow.cancelled.wait(), 5)
             assert slow.finished == 0
+        metrics = health.observability.metrics
+        labels = {"method": "/clipsearch.v1.SearchService/Search"}
+        for _ in range(100):  # the handler's cleanup runs just after the client's error
+            if metrics.in_flight.labels("read")._value.get() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert metrics.in_flight.labels("read")._value.get() == 0
+        total = metrics.registry.get_sample_value
+        assert total("clipsearch_rpc_total", {**labels, "code": "DEADLINE_EXCEEDED"}) == 1
+        assert total("clipsearch_rpc_total", {**labels, "code": "CANCELLED"}) is None
 
 
 async def test_calls_without_a_deadline_get_the_default() -> None:
