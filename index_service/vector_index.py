@@ -165,9 +165,10 @@ class VectorIndex:
         return int(self._active.ntotal) - len(self._dead)
 
     def search(
-        self, query: np.ndarray, k: int, allowed: np.ndarray | None, params: SearchParams | None
+        self, query: np.ndarray, k: int, allowed: Candidates | None, params: SearchParams | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top min(k, candidates) (similarities, labels); `allowed`: sorted live labels."""
+        """Top min(k, candidates) (similarities, labels); `allowed`: the live labels a filter
+        admits (None: every live vector)."""
         n = len(self) if allowed is None else len(allowed)
         want = min(k, n)
         if want <= 0:
@@ -176,7 +177,7 @@ class VectorIndex:
         q = query.reshape(1, -1)
         if allowed is not None and self._store is not None:
             if len(allowed) <= EXACT_SCAN_MAX or self._gpu:
-                return self._exact(q[0], allowed, want)
+                return self._exact(q[0], allowed.labels, want)
         sel = self._selector(allowed)
         sims, labels = _EMPTY
         for sp in self._escalation(self._resolve(params), want):
@@ -187,7 +188,7 @@ class VectorIndex:
                 return sims, labels
         if self._store is None:
             return sims, labels
-        pool = allowed if allowed is not None else self._store.view()[1].copy()
+        pool = allowed.labels if allowed is not None else self._store.view()[1].copy()
         return self._exact(q[0], pool, want)
 
     def search_batch(
@@ -462,12 +463,12 @@ class VectorIndex:
         else:
             yield sp
 
-    def _selector(self, allowed: np.ndarray | None) -> Any:
+    def _selector(self, allowed: Candidates | None) -> Any:
         """An ID selector admitting `allowed` (or everything but tombstones); None = all."""
         if self._gpu:
             return None
         if allowed is not None:
-            return _BitmapSelector(allowed)
+            return allowed.selector()
         if not self._dead:
             return None
         sel = self._dead_sel
@@ -492,6 +493,27 @@ def shard_factory(settings: IndexSettings) -> str:
     if settings.nlist_scope == "collection":
         return per_shard_factory(settings.factory, settings.shards)
     return settings.factory
+
+
+class Candidates:
+    """Sorted live labels a filter admits, with the Faiss selector over them built on first
+    use and kept alongside (a shard reuses the candidates of a repeated filter until its next
+    write: building them cost more than the search at broad filters)."""
+
+    __slots__ = ("_selector", "labels")
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+        self._selector: _BitmapSelector | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def selector(self) -> _BitmapSelector:
+        sel = self._selector
+        if sel is None:  # racing searches may both build one: either is right
+            sel = self._selector = _BitmapSelector(self.labels)
+        return sel
 
 
 class _BitmapSelector:

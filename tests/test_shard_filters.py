@@ -84,3 +84,65 @@ def test_deleted_documents_never_pass_a_filter(
     unfiltered = shard.search(Modality.IMAGE, -query, 50)
     assert not {r.id for r in unfiltered.records} & set(far_ids[: FAR - 30])
     shard.close()
+
+
+@pytest.mark.parametrize("matching", [50, FAR], ids=["exact-scan", "ann-selector"])
+def test_a_repeated_filter_follows_every_write(matching: int) -> None:
+    """The candidates of a filter are reused between searches: any write that changes who
+    matches (a new document, a replacement with other metadata, a delete, a publish time
+    moving out of the range) shows in the very next search with the same filter."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((matching + 400, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    query = x[0] + 0.1 * x[1]
+    query /= np.linalg.norm(query)  # nearest to d0; a copy of it is nearer still
+    new = len(x)
+    stored: dict[str, DocWrite] = {}
+
+    def write(i: int, tag: str, t: float = 100.0, vec: np.ndarray | None = None) -> None:
+        w = DocWrite(
+            DocRecord(f"d{i}", t, {"tag": tag}, "", True), image_vector=x[i] if vec is None else vec
+        )
+        shard.upsert([w])
+        stored[w.record.id] = w
+
+    shard = Shard(0, DIM, settings("IVF16,Flat", train_min=200))
+    first = [
+        DocWrite(DocRecord(f"d{i}", 100.0, {"tag": "a" if i < matching else "b"}, "", True), x[i])
+        for i in range(len(x))
+    ]
+    shard.upsert(first)
+    stored.update((w.record.id, w) for w in first)
+    assert shard.wait_for_rebuilds(60)
+    filters = [
+        SearchFilter(metadata_equals=(("tag", "a"),)),
+        SearchFilter(metadata_equals=(("tag", "b"),)),
+        SearchFilter(metadata_equals=(("tag", "a"),), time_start=50.0, time_end=150.0),
+    ]
+
+    def answers() -> list[list[str]]:
+        """Each filter's top 5, asserted equal to brute force over what is stored now."""
+        got = []
+        for flt in filters:
+            hits = shard.search(Modality.IMAGE, query, 5, flt, SearchParams(nprobe=16))
+            ids = [r.id for r in hits.records]
+            assert ids == brute(list(stored.values()), query, 5, flt)
+            got.append(ids)
+        return got
+
+    tagged, tagged_b, ranged = answers()
+    assert tagged[0] == ranged[0] == "d0"
+    write(new, "a", vec=query)  # a new exact match
+    tagged, tagged_b, ranged = answers()
+    assert tagged[0] == ranged[0] == f"d{new}"
+    write(new, "b", vec=query)  # replaced: now tagged b
+    tagged, tagged_b, ranged = answers()
+    assert tagged[0] == ranged[0] == "d0" and tagged_b[0] == f"d{new}"
+    write(0, "a", t=500.0)  # out of the time range, still tagged a
+    tagged, tagged_b, ranged = answers()
+    assert tagged[0] == "d0" and "d0" not in ranged
+    shard.delete(["d0"])
+    del stored["d0"]
+    tagged, tagged_b, ranged = answers()
+    assert "d0" not in tagged and len(tagged) == len(ranged) == 5
+    shard.close()

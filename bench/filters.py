@@ -1,0 +1,186 @@
+"""Filtered search side by side: the shard engine vs raw Faiss, one run, one printed table.
+
+A shard applies a metadata filter inside the Faiss search (an ID selector over the matching
+labels, exact scans of small candidate sets, wider retries when the ANN search comes back
+short). Two ways a hand-rolled CLIP + Faiss script filters, on the same vectors and the same
+search parameters (the shard's tuned operating point):
+
+  faiss+sel    raw Faiss with an IDSelectorBatch of the matching ids (the library's own
+               in-index filter, no fallbacks)
+  post-filter  raw Faiss without a filter, fetching k / selectivity candidates, keeping
+               the matching ones (enough on average; HNSW's efSearch raised to the fetch)
+
+For each index type and filter selectivity: recall@10 against exact filtered search, the
+share of queries answered with fewer than 10 hits although thousands match, and queries per
+second one at a time (the shard's time includes building the candidate set from its
+metadata index; the others get their id sets prebuilt).
+
+Data: bench/index.py's clustered, normalised vectors (seeded, cached); every document has
+metadata keys p50, p10, p1, p01 whose value "0" matches 50 %, 10 %, 1 %, 0.1 % of them.
+
+Usage: PYTHONPATH=. python bench/filters.py [--n 100000] [--dim 128]
+       [--types 'Flat;IVF1024,Flat;HNSW32'] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.index import dataset  # noqa: E402
+from clipsearch.settings import IndexSettings  # noqa: E402
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, SearchParams  # noqa: E402
+from index_service.shard import Shard  # noqa: E402
+
+K = 10
+SELECTIVITY = {"p50": 2, "p10": 10, "p1": 100, "p01": 1000}  # key -> one document in n
+BATCH = 5000
+
+
+def _shard(factory: str, base: np.ndarray) -> Shard:
+    shard = Shard(0, base.shape[1], IndexSettings(factory=factory))
+    for start in range(0, len(base), BATCH):
+        shard.upsert(
+            [
+                DocWrite(
+                    DocRecord(
+                        str(i),
+                        1.7e9,
+                        {key: str(i % n) for key, n in SELECTIVITY.items()},
+                        has_image=True,
+                    ),
+                    image_vector=base[i],
+                )
+                for i in range(start, min(start + BATCH, len(base)))
+            ]
+        )
+    shard.wait_for_rebuilds()
+    return shard
+
+
+def _raw(factory: str, base: np.ndarray) -> Any:
+    index: Any = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if factory.startswith("HNSW"):
+        index.hnsw.efConstruction = IndexSettings().hnsw_ef_construction
+    index.train(base)
+    index.add(base)
+    return index
+
+
+def _params(factory: str, sp: SearchParams | None, sel: object, fetch: int) -> Any:
+    fa: Any = faiss
+    if factory.startswith("IVF"):
+        return fa.SearchParametersIVF(nprobe=sp.nprobe if sp else 1, sel=sel)
+    if factory.startswith("HNSW"):
+        ef = max(sp.ef_search if sp else 64, fetch)
+        return fa.SearchParametersHNSW(efSearch=ef, sel=sel)
+    return fa.SearchParameters(sel=sel) if sel is not None else None
+
+
+def _searchers(
+    shard: Shard,
+    raw: Any,
+    factory: str,
+    sp: SearchParams | None,
+    queries: np.ndarray,
+    flt: SearchFilter,
+    match: np.ndarray,
+    one_in: int,
+    fetch: int,
+) -> tuple[Callable[[int], np.ndarray], ...]:
+    """(the shard, raw Faiss with a selector, raw Faiss post-filtered): query i -> ids."""
+    batch = faiss.IDSelectorBatch(match)
+
+    def ours(i: int) -> np.ndarray:
+        hits = shard.search(Modality.IMAGE, queries[i], K, flt)
+        return np.array([int(r.id) for r in hits.records], dtype=np.int64)
+
+    def with_sel(i: int) -> np.ndarray:
+        _, lab = raw.search(queries[i : i + 1], K, params=_params(factory, sp, batch, K))
+        return lab[0][lab[0] >= 0]
+
+    def post(i: int) -> np.ndarray:
+        _, lab = raw.search(queries[i : i + 1], fetch, params=_params(factory, sp, None, fetch))
+        return lab[0][(lab[0] >= 0) & (lab[0] % one_in == 0)][:K]
+
+    return ours, with_sel, post
+
+
+def _timed(fn: Callable[[int], np.ndarray], n: int) -> tuple[list[np.ndarray], float]:
+    fn(0)
+    out = []
+    t = time.perf_counter()
+    for i in range(n):
+        out.append(fn(i))
+    return out, n / (time.perf_counter() - t)
+
+
+def _score(found: list[np.ndarray], truth: np.ndarray) -> tuple[float, float]:
+    """(recall@K, share of answers shorter than K)."""
+    rec = np.mean([len(np.intersect1d(f, t)) / K for f, t in zip(found, truth, strict=True)])
+    short = np.mean([len(f) < K for f in found])
+    return float(rec), float(short)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--types", default="Flat;IVF1024,Flat;HNSW32")
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(1)  # one query at a time, as a shard searches
+    base, queries, _ = dataset(args.n, args.dim, args.queries, seed=5)
+    ids = np.arange(args.n, dtype=np.int64)
+    print(
+        f"{args.n} x {args.dim} vectors, {args.queries} queries one at a time, k {K}; "
+        "recall@10 vs exact filtered search / share of answers short of 10 hits / QPS"
+    )
+    print(
+        f"{'type':<14} {'filter':>6} {'matching':>8} | {'shard':^22} | {'faiss+sel':^22} | "
+        f"{'post-filter':^22} | shard QPS vs faiss+sel"
+    )
+    for factory in args.types.split(";"):
+        t0 = time.perf_counter()
+        shard = _shard(factory, base)
+        stats = shard.stats().indexes[0]
+        sp = stats.defaults
+        raw = _raw(factory, base)
+        print(
+            f"{factory}: shard built in {time.perf_counter() - t0:.0f} s, active "
+            f"{stats.active_type}, defaults {sp}"
+        )
+        for key, one_in in SELECTIVITY.items():
+            match = ids[ids % one_in == 0]
+            _, gt_pos = faiss.knn(queries, base[match], K, faiss.METRIC_INNER_PRODUCT)
+            truth = match[gt_pos]
+            flt = SearchFilter(metadata_equals=((key, "0"),))
+            fetch = min(args.n, math.ceil(K * one_in))
+            fns = _searchers(shard, raw, factory, sp, queries, flt, match, one_in, fetch)
+            cells = []
+            qps = []
+            for fn in fns:
+                found, rate = _timed(fn, args.queries)
+                rec, short = _score(found, truth)
+                cells.append(f"{rec:5.3f} {short:5.1%} {rate:7.0f}")
+                qps.append(rate)
+            print(
+                f"{'':<14} {'1/' + str(one_in):>6} {len(match):>8} | "
+                + " | ".join(f"{c:^22}" for c in cells)
+                + f" | {qps[0] / qps[1]:5.2f}x"
+            )
+        shard.close()
+
+
+if __name__ == "__main__":
+    main()
