@@ -120,6 +120,7 @@ async def start_stack(settings: Settings) -> Stack:
     # Calls past what the replicas batch at once are coalesced (see RayEncoder).
     batchable = 2 * settings.encoder.max_batch_size * settings.encoder.replicas
     encoder = RayEncoder(handle, info["model_id"], info["dim"], batchable)
+    await encoder.connect()  # the replicas' direct channels, open before the first call
     coordinator = Coordinator(encoder, shards)
     server, port, health = await create_server(coordinator, settings)
     stack = Stack(settings, port, server, health, coordinator, actors)
