@@ -12,7 +12,8 @@ made during the build took to insert again (measured: 37 s for 90k vectors into 
 Search guarantee (exact and IVF, and HNSW through its fallbacks): whenever at least k live
 vectors pass the filter, k are returned, and never a deleted or non-matching one:
   * small candidate sets (<= EXACT_SCAN_MAX) are scanned exactly from the raw vectors;
-  * otherwise the ANN search runs with an ID selector and, if it returns fewer than k,
+  * otherwise the ANN search runs with an ID selector, at default settings widened for the
+    filter's selectivity (see filtered_params), and, if it returns fewer than k,
     is retried with a wider search (IVF: 4x nprobe, then every list, which is exhaustive;
     HNSW: 4x efSearch, then 4096) and finally answered by an exact scan.
 """
@@ -180,7 +181,8 @@ class VectorIndex:
                 return self._exact(q[0], allowed.labels, want)
         sel = self._selector(allowed)
         sims, labels = _EMPTY
-        for sp in self._escalation(self._resolve(params), want):
+        admitted = len(allowed) / max(1, len(self)) if allowed is not None else 1.0
+        for sp in self._escalation(self._resolve(params, admitted), want):
             d, i = self.search_batch(q, want, sp, sel)
             keep = i[0] >= 0
             sims, labels = d[0][keep], i[0][keep]
@@ -433,8 +435,12 @@ class VectorIndex:
             vecs, labels = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
         return gpu.to_gpu(spec, index, vecs, labels)
 
-    def _resolve(self, params: SearchParams | None) -> SearchParams:
+    def _resolve(self, params: SearchParams | None, admitted: float = 1.0) -> SearchParams:
+        """`params` with unset knobs from the defaults, widened for a filter admitting that
+        fraction of the vectors (knobs the request set are used as they are)."""
         base = self.default_params()
+        if admitted < 1.0:
+            base = filtered_params(base, admitted)
         if params is None:
             return base
         return SearchParams(
@@ -482,6 +488,26 @@ class VectorIndex:
         top = np.argpartition(-sims, want - 1)[:want] if want < len(sims) else np.arange(len(sims))
         top = top[np.argsort(-sims[top], kind="stable")]
         return sims[top].astype(np.float32), labels[top]
+
+
+def filtered_params(sp: SearchParams, admitted: float) -> SearchParams:
+    """Search settings for a filter admitting `admitted` (0-1] of the vectors.
+
+    Inside an ID selector an ANN search still walks the whole structure but keeps only the
+    admitted vectors, so at the tuned setting a selective filter finds far fewer of its true
+    neighbours (HNSW32 / IVF1024 over 100k clustered 128-d vectors, tuned efSearch 20 /
+    nprobe 3 reaching 0.96 / 0.98 unfiltered: with a filter admitting 1 in 20, 0.76 / 0.84;
+    1 in 80, 0.35 / 0.38). Restoring the unfiltered recall took about sqrt(1 / admitted)
+    times the nprobe (1 in 5: 4, 1 in 20: 9-12, 1 in 80: 18-24) and, for HNSW, whose filtered
+    graph falls apart faster, 1 / (3 x admitted) to 1 / (2 x admitted) times the efSearch
+    (1 in 10: 40, 1 in 20: 80-120, 1 in 80: 480; HNSW16 over 32-d vectors needed the 1 / 2,
+    which is used). Small candidate sets never get here: they are scanned exactly.
+    """
+    if admitted >= 1.0 or admitted <= 0.0:
+        return sp
+    nprobe = math.ceil(sp.nprobe * math.sqrt(1.0 / admitted)) if sp.nprobe else 0
+    ef = math.ceil(sp.ef_search * max(1.0, 0.5 / admitted)) if sp.ef_search else 0
+    return SearchParams(nprobe, min(ef, MAX_EF_SEARCH), sp.rerank)
 
 
 def _journal_vectors(entries: Journal) -> int:
