@@ -4,6 +4,7 @@ depth with nprobe), and it holds on queries it never saw."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,17 +95,26 @@ def test_index_is_retuned_once_it_has_doubled() -> None:
     shard.close()
 
 
+def _grown(factory: str, tuned_at: int, grown_to: int, target: float) -> tuple[Shard, Any]:
+    """A shard tuned on the first `tuned_at` vectors, then grown to `grown_to` (< 2x: no
+    retune), and the operating point it still reports."""
+    shard = built(factory, _data[:tuned_at], train_min=tuned_at, target_recall=target)
+    op = shard.stats().indexes[0].operating_point
+    assert op is not None
+    tuned = shard._indexes[Modality.IMAGE].default_params()
+    assert (tuned.rerank, tuned.ef_search) == (op.rerank, op.ef_search)
+    shard.upsert(docs(_data[tuned_at:grown_to], start=tuned_at))
+    assert shard.wait_for_rebuilds(60)
+    assert shard.stats().indexes[0].operating_point is op
+    return shard, op
+
+
 def test_lossy_rerank_depth_grows_with_the_index_until_it_is_retuned() -> None:
     """Between retunings the probed lists fill up with codes competing for the same k x
     factor candidate places; the default depth grows with them, so recall holds."""
-    shard = built("IVF16,PQ8x4fs", _data[:2000], train_min=2000, target_recall=0.9)
-    op = shard.stats().indexes[0].operating_point
-    assert op is not None and op.rerank > 0
+    shard, op = _grown("IVF16,PQ8x4fs", 2000, 3600, target=0.9)  # 1.8x
+    assert op.rerank > 0
     index = shard._indexes[Modality.IMAGE]
-    assert index.default_params().rerank == op.rerank
-    shard.upsert(docs(_data[2000:3600], start=2000))  # 1.8x: no retune yet
-    assert shard.wait_for_rebuilds(60)
-    assert shard.stats().indexes[0].operating_point is op
     assert index.default_params().rerank == min(64, -(-op.rerank * 3600 // 2000))
     defaults = shard.stats().indexes[0].defaults
     assert defaults == SearchParams(nprobe=op.nprobe, rerank=index.default_params().rerank)
@@ -115,14 +125,9 @@ def test_lossy_rerank_depth_grows_with_the_index_until_it_is_retuned() -> None:
 def test_hnsw_ef_search_grows_with_the_graph_until_it_is_retuned() -> None:
     """At a fixed efSearch recall falls as the graph grows; the default ef grows with the
     square root of the growth between retunings, so recall holds."""
-    shard = built("HNSW16", _data[:4000], train_min=4000, target_recall=0.95)
-    op = shard.stats().indexes[0].operating_point
-    assert op is not None and op.ef_search > 0
+    shard, op = _grown("HNSW16", 4000, 7600, target=0.95)  # 1.9x
+    assert op.ef_search > 0
     index = shard._indexes[Modality.IMAGE]
-    assert index.default_params().ef_search == op.ef_search
-    shard.upsert(docs(_data[4000:7600], start=4000))  # 1.9x: no retune yet
-    assert shard.wait_for_rebuilds(60)
-    assert shard.stats().indexes[0].operating_point is op
 
     grown = index.default_params().ef_search
     assert grown == min(4096, math.ceil(op.ef_search * math.sqrt(7600 / 4000)))
