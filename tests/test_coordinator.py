@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -141,3 +142,55 @@ async def test_a_down_shard_fails_the_search_unless_partial_results_are_allowed(
     alive = [it for it in items if shards[1].shard.get([it.record.id])[0] is None]
     assert [h.record.id for h in out.hits] == [i for i, _ in _reference(alive, qv, 10, 0.0)]
     assert out.missing_shards == (1,) and (out.shards_answered, out.shards_total) == (2, 3)
+
+
+class _Blocking(LocalShard):
+    """A shard whose searches wait until released, recording whether they were cancelled."""
+
+    def __init__(self, shard: Shard) -> None:
+        super().__init__(shard)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = False
+
+    async def search(self, *args: object, **kwargs: object) -> ShardHits:
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return await super().search(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_cancelled_search_cancels_every_shard_search() -> None:
+    shards = [_Blocking(Shard(i, DIM)) for i in range(3)]
+    coord = Coordinator(HashEncoder(DIM), shards)
+    q = SearchQuery(Modality.IMAGE, 5, vector=unit_vectors(1, DIM, 7)[0])
+    task = asyncio.ensure_future(coord.search(q))
+    await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in shards)), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # the shard tasks' cancellations land
+    assert all(s.cancelled for s in shards)
+
+
+async def test_every_shard_answers_before_a_failure_is_raised() -> None:
+    """A shard's error is raised only once every shard has answered (none left running)."""
+    shards = [_Blocking(Shard(i, DIM)) for i in range(3)]
+
+    async def broken(*args: object, **kwargs: object) -> ShardHits:
+        raise NotFound("shard 0 broke")
+
+    shards[0].search = broken  # type: ignore[method-assign]
+    coord = Coordinator(HashEncoder(DIM), shards)
+    q = SearchQuery(Modality.IMAGE, 5, vector=unit_vectors(1, DIM, 7)[0], allow_partial=True)
+    task = asyncio.ensure_future(coord.search(q))
+    await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in shards[1:])), 5)
+    assert not task.done()
+    for s in shards[1:]:
+        s.release.set()
+    with pytest.raises(NotFound):
+        await task
+    assert not any(s.cancelled for s in shards)
