@@ -18,6 +18,7 @@ import ray
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
 
+from clipsearch.aio import settle
 from clipsearch.errors import ClipsearchError, InvalidArgument, ResourceExhausted, Unavailable
 from clipsearch.types import (
     DocRecord,
@@ -30,7 +31,7 @@ from clipsearch.types import (
     ShardStats,
     TextOptions,
 )
-from encoder_service.channel import EncodeChannelClient, pack_text
+from encoder_service.channel import pack_text
 from encoder_service.channel_pool import ChannelPool
 from gateway.coalesce import Coalescer
 from index_service import wire
@@ -177,29 +178,29 @@ class RayEncoder:
         return [address for node, address in found if node == here]
 
     async def _one(self, kind: str, item: Any) -> np.ndarray:
-        channel = self.channels.pick() if self.use_channel else None
-        if channel is not None:
-            answers = await self._over_channel(channel, kind, [item])
-            if answers is not None:
-                if isinstance(answers[0], BaseException):
-                    raise answers[0]
-                return answers[0]
+        answers = await self._over_channel(kind, [item])
+        if answers is not None:
+            if isinstance(answers[0], BaseException):
+                raise answers[0]
+            return answers[0]
         if kind == "text":
             return await call_remote(self._handle.encode_text.remote(*item), "the encoder")
         return await call_remote(self._handle.encode_image.remote(item), "the encoder")
 
     async def _many(self, kind: str, items: list[Any]) -> list[np.ndarray | BaseException]:
-        channel = self.channels.pick() if self.use_channel else None
-        if channel is not None:
-            answers = await self._over_channel(channel, kind, items)
-            if answers is not None:
-                return answers
+        answers = await self._over_channel(kind, items)
+        if answers is not None:
+            return answers
         return list(await call_remote(self._handle.encode_many.remote(kind, items), "the encoder"))
 
     async def _over_channel(
-        self, channel: EncodeChannelClient, kind: str, items: list[Any]
+        self, kind: str, items: list[Any]
     ) -> list[np.ndarray | BaseException] | None:
-        """The items' answers from a replica's channel; None if it broke under them."""
+        """The items' answers from the least-loaded replica channel; None when none is open
+        or it broke under them (the caller then uses the handle)."""
+        channel = self.channels.pick() if self.use_channel else None
+        if channel is None:
+            return None
         self.channel_calls += 1
         sent = [pack_text(*item) for item in items] if kind == "text" else items
         try:
@@ -211,7 +212,7 @@ class RayEncoder:
     async def _gather(self, calls: list[Awaitable[np.ndarray]], field: str) -> np.ndarray:
         """Await per-item calls; an item's InvalidArgument names its index when there are
         several (`texts[3]: ...`)."""
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await settle(calls)
         for index, result in enumerate(results):
             if isinstance(result, InvalidArgument) and len(calls) > 1:
                 raise InvalidArgument(f"{field}[{index}]: {result}") from result
