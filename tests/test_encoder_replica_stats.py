@@ -98,9 +98,13 @@ async def test_the_gateway_spreads_calls_over_both_replicas_channels(
     vectors = await asyncio.gather(*(encoder.encode_texts([f"spread {i}"]) for i in range(64)))
     assert all(v.shape == (1, 16) for v in vectors)
     requests: dict[int, int] = {}
-    for _ in range(40):  # Serve routes each stats call to one replica: ask until both answered
-        stats = await two_replicas.channel_stats.remote()
-        requests[stats["pid"]] = stats["requests"]
+    # Serve routes each stats call to one replica: ask until both answered. Calls in a row
+    # can all go to one idle replica (40 did once in CI), so ask several at once: the
+    # router spreads concurrent calls by their queue lengths.
+    for _ in range(20):
+        for stats in await asyncio.gather(*(two_replicas.channel_stats.remote() for _ in range(8))):
+            requests[stats["pid"]] = stats["requests"]
         if len(requests) == 2:
             break
+        await asyncio.sleep(0.2)
     assert len(requests) == 2 and all(requests.values()), requests
