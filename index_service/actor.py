@@ -128,10 +128,7 @@ class ShardActor:
     ) -> ShardHits:
         """The shard's top k; `deadline` (epoch seconds, the caller's) refuses work that
         starts too late: `ray.cancel` cannot stop a call a sync actor already dequeued."""
-        if deadline is not None and time.time() >= deadline:
-            with self._skipped_lock:
-                self.searches_skipped += 1
-            raise DeadlineExceeded("deadline exceeded before the shard search started")
+        self._check_deadline(deadline)
         return self._shard.search(modality, query, k, flt, params)
 
     def search_packed(self, request: wire.SearchRequest) -> wire.SearchReply:
@@ -143,14 +140,39 @@ class ShardActor:
         self, requests: Sequence[wire.SearchRequest]
     ) -> list[wire.SearchReply | ClipsearchError]:
         """Several packed searches in one call (the gateway coalesces concurrent ones); an
-        item refused on its own (its deadline passed) is answered with its error."""
-        answers: list[wire.SearchReply | ClipsearchError] = []
-        for request in requests:
+        item refused on its own (its deadline passed) is answered with its error.
+
+        Searches alike in all but their query vector (modality, k, filter, parameters: a
+        feed's callers mostly are) run as one batched index search (`Shard.search_many`).
+        """
+        answers: list[wire.SearchReply | ClipsearchError | None] = [None] * len(requests)
+        alike: dict[tuple[Any, ...], list[int]] = {}
+        for n, request in enumerate(requests):
             try:
-                answers.append(self.search_packed(request))
+                self._check_deadline(request[5])
+            except DeadlineExceeded as exc:
+                answers[n] = exc
+                continue
+            modality, vector, k, packed_flt, packed_params, _ = request
+            alike.setdefault((modality, len(vector), k, packed_flt, packed_params), []).append(n)
+        for members in alike.values():
+            modality, _, k, flt, params, _ = wire.unpack_request(requests[members[0]])
+            queries = np.stack([np.frombuffer(requests[n][1], dtype=np.float32) for n in members])
+            try:
+                hits = self._shard.search_many(modality, queries, k, flt, params)
             except ClipsearchError as exc:
-                answers.append(exc)
-        return answers
+                for n in members:
+                    answers[n] = exc
+                continue
+            for n, found in zip(members, hits, strict=True):
+                answers[n] = wire.pack_hits(found)
+        return answers  # type: ignore[return-value]  # every slot is filled above
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        if deadline is not None and time.time() >= deadline:
+            with self._skipped_lock:
+                self.searches_skipped += 1
+            raise DeadlineExceeded("deadline exceeded before the shard search started")
 
     def search_channel(self) -> tuple[str, str] | None:
         """(Ray node id, socket address) of the direct search channel (see

@@ -134,16 +134,33 @@ class Shard:
         Returns k hits whenever k documents match (see index_service.vector_index for how
         each index type keeps that promise); `params` overrides the tuned nprobe/efSearch.
         """
-        q = self._as_query(query)
+        return self.search_many(modality, self._as_query(query).reshape(1, -1), k, flt, params)[0]
+
+    def search_many(
+        self,
+        modality: Modality,
+        queries: np.ndarray,
+        k: int,
+        flt: SearchFilter | None = None,
+        params: SearchParams | None = None,
+    ) -> list[ShardHits]:
+        """`search` for each row of `queries` (n x dim) with the same k, filter and
+        parameters, answered by one batched index search: what a shard does with the
+        concurrent searches the gateway coalesces into one call."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[-1]}, shard holds {self.dim}")
         index = self._indexes[modality]
         with self._lock.write() if index.exclusive_search else self._lock.read():
             allowed = self._candidates(modality, flt)
             n = len(index) if allowed is None else len(allowed)
             if n == 0 or k <= 0:
-                return _EMPTY
-            sims, labels = index.search(q, k, allowed, params)
-            records = tuple(self._records[lb] for lb in labels.tolist())
-        return ShardHits(sims.astype(np.float32), records, len(records) >= n)
+                return [_EMPTY] * len(queries)
+            answers = []
+            for sims, labels in index.search_many(queries, k, allowed, params):
+                records = tuple(self._records[lb] for lb in labels.tolist())
+                answers.append(ShardHits(sims.astype(np.float32), records, len(records) >= n))
+        return answers
 
     def stats(self) -> ShardStats:
         """Document and vector counts, and each modality index's state."""

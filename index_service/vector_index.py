@@ -170,28 +170,47 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top min(k, candidates) (similarities, labels); `allowed`: the live labels a filter
         admits (None: every live vector)."""
+        return self.search_many(query.reshape(1, -1), k, allowed, params)[0]
+
+    def search_many(
+        self, queries: np.ndarray, k: int, allowed: Candidates | None, params: SearchParams | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search` for each row of `queries`, with one Faiss call per setting for them all.
+
+        Faiss answers a batch for less than the same queries one by one (exact search turns
+        n scans of the vectors into one matrix product; IVF assigns every query to its lists
+        at once), and each query still gets its own fallbacks: only the rows that came back
+        short are searched again, wider.
+        """
         n = len(self) if allowed is None else len(allowed)
         want = min(k, n)
         if want <= 0:
-            return _EMPTY
+            return [_EMPTY] * len(queries)
         faiss_threads(1)
-        q = query.reshape(1, -1)
         if allowed is not None and self._store is not None:
             if len(allowed) <= EXACT_SCAN_MAX or self._gpu:
-                return self._exact(q[0], allowed.labels, want)
+                return self._exact(queries, allowed.labels, want)
         sel = self._selector(allowed)
-        sims, labels = _EMPTY
+        answers = [_EMPTY] * len(queries)
+        short = np.arange(len(queries))
         admitted = len(allowed) / max(1, len(self)) if allowed is not None else 1.0
         for sp in self._escalation(self._resolve(params, admitted), want):
-            d, i = self.search_batch(q, want, sp, sel)
-            keep = i[0] >= 0
-            sims, labels = d[0][keep], i[0][keep]
-            if len(labels) >= want:
-                return sims, labels
+            d, i = self.search_batch(queries[short], want, sp, sel)
+            still = []
+            for row, q in enumerate(short.tolist()):
+                keep = i[row] >= 0
+                answers[q] = (d[row][keep], i[row][keep])
+                if len(answers[q][1]) < want:
+                    still.append(q)
+            short = np.asarray(still, dtype=np.int64)
+            if not len(short):
+                return answers
         if self._store is None:
-            return sims, labels
+            return answers
         pool = allowed.labels if allowed is not None else self._store.view()[1].copy()
-        return self._exact(q[0], pool, want)
+        for q, exact in zip(short.tolist(), self._exact(queries[short], pool, want), strict=True):
+            answers[q] = exact
+        return answers
 
     def search_batch(
         self, queries: np.ndarray, k: int, sp: SearchParams, sel: Any = None
@@ -482,12 +501,21 @@ class VectorIndex:
             sel = self._dead_sel = _NotSelector(np.fromiter(self._dead, dtype=np.int64))
         return sel
 
-    def _exact(self, query: np.ndarray, labels: np.ndarray, want: int) -> tuple[Any, Any]:
+    def _exact(
+        self, queries: np.ndarray, labels: np.ndarray, want: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each query's top `want` among `labels`, scanned exactly (the rows gathered once)."""
         assert self._store is not None
-        sims = self._store.get(labels) @ query
-        top = np.argpartition(-sims, want - 1)[:want] if want < len(sims) else np.arange(len(sims))
-        top = top[np.argsort(-sims[top], kind="stable")]
-        return sims[top].astype(np.float32), labels[top]
+        sims = self._store.get(labels) @ queries.T
+        answers = []
+        for column in sims.T:
+            if want < len(column):
+                top = np.argpartition(-column, want - 1)[:want]
+            else:
+                top = np.arange(len(column))
+            top = top[np.argsort(-column[top], kind="stable")]
+            answers.append((column[top].astype(np.float32), labels[top]))
+        return answers
 
 
 def filtered_params(sp: SearchParams, admitted: float) -> SearchParams:

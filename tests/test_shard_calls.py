@@ -13,7 +13,7 @@ import pytest
 from clipsearch.client import Client, Document
 from clipsearch.errors import DeadlineExceeded
 from clipsearch.settings import IndexSettings
-from clipsearch.types import Modality, SearchFilter
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, SearchParams
 from gateway.coordinator import SearchQuery
 from index_service import wire
 from index_service.actor import ShardActor
@@ -80,5 +80,52 @@ def test_a_batched_item_past_its_deadline_is_refused_alone(tmp_path: Path) -> No
         assert isinstance(answers[1], DeadlineExceeded)
         assert all(wire.unpack_hits(a).exhausted for a in (answers[0], answers[2]))  # type: ignore[arg-type]
         assert actor.skipped() == 1
+    finally:
+        actor.close()
+
+
+def test_a_mixed_batch_answers_each_search_as_alone(tmp_path: Path) -> None:
+    """A coalesced call mixes searches with different k, filters, parameters and modalities:
+    alike ones are searched together, and each gets its own answer, in order."""
+    dim = 16
+    actor = ShardActor(0, dim, IndexSettings(), str(tmp_path), "m")
+    try:
+        vecs = unit_vectors(300, dim, seed=2)
+        actor.upsert(
+            [
+                DocWrite(
+                    DocRecord(f"d{i}", float(i), {"group": str(i % 3)}, "", True, False),
+                    image_vector=v,
+                )
+                for i, v in enumerate(vecs)
+            ]
+        )
+        queries = unit_vectors(12, dim, seed=3)
+        red = SearchFilter((("group", "1"),), time_start=100.0)
+        later = time.time() + 60
+        requests = [
+            wire.pack_request(modality, q, k, flt, params, later)
+            for n, q in enumerate(queries)
+            for modality, k, flt, params in [
+                (Modality.IMAGE, 5, None, None),
+                (Modality.IMAGE, 3 + n % 2, red if n % 3 else None, None),
+                (Modality.IMAGE, 5, None, SearchParams(nprobe=1)),
+                (Modality.TEXT, 5, None, None),  # no text vectors: an empty answer
+            ]
+        ]
+        requests.insert(5, wire.pack_request(Modality.IMAGE, queries[0], 5, None, None, 1.0))
+        answers = actor.search_many(requests)
+        assert isinstance(answers.pop(5), DeadlineExceeded)
+        del requests[5]
+        assert len(answers) == len(requests) == 48
+        for request, answer in zip(requests, answers, strict=True):
+            alone = actor.search_packed(request)
+            assert wire.unpack_hits(answer).records == wire.unpack_hits(alone).records  # type: ignore[arg-type]
+            np.testing.assert_allclose(
+                wire.unpack_hits(answer).similarities,  # type: ignore[arg-type]
+                wire.unpack_hits(alone).similarities,
+                atol=1e-5,
+            )
+        assert sum(len(wire.unpack_hits(a).records) for a in answers) > 0  # type: ignore[arg-type]
     finally:
         actor.close()

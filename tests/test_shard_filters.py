@@ -60,6 +60,12 @@ def test_far_filter_still_gets_k_hits(
         assert np.all(np.diff(hits.similarities) <= 1e-5)
         if factory == "Flat":  # IVF stops widening at the first step with k hits
             assert [r.id for r in hits.records] == brute(writes, query, k, flt)
+        # In a batch, only the query that came back short is searched again, wider; the
+        # one next to the far documents is answered at the first setting.
+        batch = shard.search_many(Modality.IMAGE, np.stack([query, -query]), k, flt, stingy)
+        assert [r.id for r in batch[0].records] == [r.id for r in hits.records]
+        alone = shard.search(Modality.IMAGE, -query, k, flt, stingy)
+        assert [r.id for r in batch[1].records] == [r.id for r in alone.records]
     # Fewer matches than k: all of them, and the answer says nothing more exists.
     few = SearchFilter(metadata_equals=(("side", "far"),), time_start=float(len(writes) - 7))
     hits = shard.search(Modality.IMAGE, query, 20, few, stingy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, SearchParams
+from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, SearchParams, ShardHits
 from index_service.factory import IndexSpec
 from index_service.shard import Shard
 from tests.index_fixtures import ALL_TYPES, ANN_TYPES, DIM, brute, built, clustered, docs, recall
@@ -61,6 +61,24 @@ def test_selective_filter_is_exact(shard_and_data: tuple[Shard, np.ndarray]) -> 
         assert [r.id for r in hits.records] == brute(docs(data[:N]), q, 10, flt)
 
 
+def _answers(hits: ShardHits) -> tuple[list[str], np.ndarray]:
+    return [r.id for r in hits.records], hits.similarities
+
+
+def test_a_batch_answers_every_query_as_alone(shard_and_data: tuple[Shard, np.ndarray]) -> None:
+    """Coalesced searches run as one batched index search and answer as they would alone."""
+    shard, data = shard_and_data
+    queries = data[N:]
+    flt = SearchFilter(metadata_equals=(("tenth", "3"),))
+    for k, f, params in ((10, None, None), (25, None, SearchParams(2, 12)), (10, flt, None)):
+        batch = shard.search_many(Modality.IMAGE, queries, k, f, params)
+        assert len(batch) == len(queries)
+        for q, together in zip(queries, batch, strict=True):
+            ids, sims = _answers(shard.search(Modality.IMAGE, q, k, f, params))
+            assert _answers(together)[0] == ids
+            np.testing.assert_allclose(together.similarities, sims, atol=1e-5)
+
+
 def test_delete_and_replace_never_surface_old_versions() -> None:
     vectors = clustered(N + 50, seed=2)  # the last 50 become new versions of documents
     for factory in ANN_TYPES:
@@ -72,11 +90,13 @@ def test_delete_and_replace_never_surface_old_versions() -> None:
         shard.upsert(
             [DocWrite(DocRecord(f"d{i}", 0, {}, "v2", True), image_vector=moved[i]) for i in moved]
         )
+        batch = shard.search_many(Modality.IMAGE, vectors[:300], 10)  # as coalesced
         for i in range(300):
             ids = [r.id for r in shard.search(Modality.IMAGE, vectors[i], 10).records]
             assert not set(ids) & set(gone), factory
             if i in moved:  # the old vector of a replaced document no longer finds it
                 assert f"d{i}" not in ids, factory
+            assert [r.id for r in batch[i].records] == ids, factory
         for i, vec in moved.items():
             # Every list, a long walk and the deepest re-rank: the exact match must win
             # whatever operating point the (timing-based) tuner picked on this machine.
