@@ -145,6 +145,11 @@ class ShardActor:
         Searches alike in all but their query vector (modality, k, filter, parameters: a
         feed's callers mostly are) run as one batched index search (`Shard.search_many`).
         """
+        if len(requests) == 1:  # the common case at low load: nothing to group
+            try:
+                return [self.search_packed(requests[0])]
+            except ClipsearchError as exc:
+                return [exc]
         answers: list[wire.SearchReply | ClipsearchError | None] = [None] * len(requests)
         alike: dict[tuple[Any, ...], list[int]] = {}
         for n, request in enumerate(requests):

@@ -192,23 +192,23 @@ class VectorIndex:
                 return self._exact(queries, allowed.labels, want)
         sel = self._selector(allowed)
         answers = [_EMPTY] * len(queries)
-        short = np.arange(len(queries))
+        short, rows = list(range(len(queries))), queries
         admitted = len(allowed) / max(1, len(self)) if allowed is not None else 1.0
         for sp in self._escalation(self._resolve(params, admitted), want):
-            d, i = self.search_batch(queries[short], want, sp, sel)
+            d, i = self.search_batch(rows, want, sp, sel)
             still = []
-            for row, q in enumerate(short.tolist()):
+            for row, q in enumerate(short):
                 keep = i[row] >= 0
                 answers[q] = (d[row][keep], i[row][keep])
                 if len(answers[q][1]) < want:
                     still.append(q)
-            short = np.asarray(still, dtype=np.int64)
-            if not len(short):
+            if not still:
                 return answers
+            short, rows = still, queries[still]
         if self._store is None:
             return answers
         pool = allowed.labels if allowed is not None else self._store.view()[1].copy()
-        for q, exact in zip(short.tolist(), self._exact(queries[short], pool, want), strict=True):
+        for q, exact in zip(short, self._exact(rows, pool, want), strict=True):
             answers[q] = exact
         return answers
 
