@@ -96,8 +96,12 @@ class _StubShard:
         self._hits = ShardHits(sims, records, exhausted=True)
         self._stats = ShardStats(number, k, k, 0)
 
-    async def search(self, *args: Any) -> Any:
-        return self._hits
+    def search(self, *args: Any) -> asyncio.Future[Any]:
+        """A done future, as the shard backend's API asks (the real one returns the future
+        of a search it sent; an in-process shard has answered by the time it returns)."""
+        answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        answered.set_result(self._hits)
+        return answered
 
     async def upsert(self, writes: Any) -> int:
         return len(writes)

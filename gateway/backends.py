@@ -59,7 +59,7 @@ class EncoderBackend(Protocol):
 class ShardBackend(Protocol):
     """One shard, reached asynchronously."""
 
-    async def search(
+    def search(
         self,
         modality: Modality,
         query: np.ndarray,
@@ -67,7 +67,11 @@ class ShardBackend(Protocol):
         flt: SearchFilter | None,
         params: SearchParams | None = None,
         deadline: float | None = None,
-    ) -> ShardHits: ...
+    ) -> Awaitable[ShardHits]:
+        """The shard's hits. Best a future of a search already sent: the coordinator starts
+        every shard's search and then awaits them, and only a coroutine needs a task for
+        that (an `async def` works, at that cost)."""
+        ...
 
     async def upsert(self, writes: Sequence[DocWrite]) -> int: ...
 
@@ -237,7 +241,7 @@ class RayShard:
     def __init__(self, actor: Any, shard_id: int) -> None:
         self._actor = actor
         self._what = f"shard {shard_id}"
-        self.searches: Coalescer[wire.SearchRequest, wire.SearchReply] = Coalescer(
+        self.searches: Coalescer[wire.SearchRequest, ShardHits] = Coalescer(
             self._search_one, self._search_many
         )
         self._channel: ChannelClient | None = None
@@ -246,7 +250,7 @@ class RayShard:
         self.channel_calls = 0  # calls that went over the channel (observability, tests)
         self.use_channel = True  # False: actor calls only (the benchmark's baseline)
 
-    async def search(
+    def search(
         self,
         modality: Modality,
         query: np.ndarray,
@@ -254,9 +258,11 @@ class RayShard:
         flt: SearchFilter | None,
         params: SearchParams | None = None,
         deadline: float | None = None,
-    ) -> ShardHits:
+    ) -> asyncio.Future[ShardHits]:
+        """Sends the search now (or queues it to go with others); over the channel its
+        answer arrives without a task (see `ShardBackend.search`)."""
         request = wire.pack_request(modality, query, k, flt, params, deadline)
-        return wire.unpack_hits(await self.searches.call(request))
+        return self.searches.start(request)
 
     @property
     def channel_open(self) -> bool:
@@ -274,24 +280,32 @@ class RayShard:
                 log.warning("%s: search channel not opened; using actor calls", self._what)
         return self._channel is not None and not self._channel.closed
 
-    async def _search_one(self, request: wire.SearchRequest) -> wire.SearchReply:
+    def _search_one(self, request: wire.SearchRequest) -> Awaitable[ShardHits]:
         channel = self._usable_channel()
         if channel is None:
-            return await call_remote(self._actor.search_packed.remote(request), self._what)
+            return self._actor_search(request)
         self.channel_calls += 1
-        (answer,) = await channel.call([request])
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer  # type: ignore[no-any-return]
+        return channel.send([request], _only_hits)
 
-    async def _search_many(
+    def _search_many(
         self, requests: list[wire.SearchRequest]
-    ) -> list[wire.SearchReply | BaseException]:
+    ) -> Awaitable[list[ShardHits | BaseException]]:
         channel = self._usable_channel()
         if channel is None:
-            return list(await call_remote(self._actor.search_many.remote(requests), self._what))
+            return self._actor_search_many(requests)
         self.channel_calls += 1
-        return await channel.call(requests)
+        return channel.send(requests, _all_hits)
+
+    async def _actor_search(self, request: wire.SearchRequest) -> ShardHits:
+        return wire.unpack_hits(
+            await call_remote(self._actor.search_packed.remote(request), self._what)
+        )
+
+    async def _actor_search_many(
+        self, requests: list[wire.SearchRequest]
+    ) -> list[ShardHits | BaseException]:
+        answers = await call_remote(self._actor.search_many.remote(requests), self._what)
+        return _all_hits(answers)
 
     def _usable_channel(self) -> ChannelClient | None:
         """The open channel, or None (then start opening one, at most once a second)."""
@@ -333,3 +347,18 @@ class RayShard:
 
     async def stats(self) -> ShardStats:
         return await call_remote(self._actor.stats.remote(), self._what)
+
+
+def _only_hits(answers: list[wire.SearchReply | BaseException]) -> ShardHits:
+    """A lone search's hits, or its error raised."""
+    (answer,) = answers
+    if isinstance(answer, BaseException):
+        raise answer
+    return wire.unpack_hits(answer)
+
+
+def _all_hits(
+    answers: Sequence[wire.SearchReply | BaseException],
+) -> list[ShardHits | BaseException]:
+    """A batch's hits, an item's error in its place."""
+    return [a if isinstance(a, BaseException) else wire.unpack_hits(a) for a in answers]

@@ -164,6 +164,9 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
 
 
 P = TypeVar("P", bound=asyncio.Protocol)
+R = TypeVar("R")
+Then = Callable[[list[wire.SearchReply | BaseException]], R]
+_Pending = tuple["asyncio.Future[R]", Then[R]]
 
 
 async def connect_unix(address: str, protocol_factory: Callable[[], P]) -> P:
@@ -182,7 +185,7 @@ async def connect_unix(address: str, protocol_factory: Callable[[], P]) -> P:
 
 
 class ChannelClient(asyncio.Protocol):
-    """The gateway's end: `call` sends a batch and awaits its answers, in order.
+    """The gateway's end: `send` writes a batch at once and returns a future of its answers.
 
     When the connection drops (the shard died or restarted), every call waiting fails with
     Unavailable, as an actor call to a dead actor does, and `closed` turns True.
@@ -193,19 +196,27 @@ class ChannelClient(asyncio.Protocol):
         self.closed = False
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._pending: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+        self._pending: collections.deque[_Pending[Any]] = collections.deque()
 
     @classmethod
     async def connect(cls, address: str, what: str) -> ChannelClient:
         return await connect_unix(address, lambda: cls(what))
 
-    async def call(self, requests: list[wire.SearchRequest]) -> list[Any]:
+    def send(self, requests: list[wire.SearchRequest], then: Then[R]) -> asyncio.Future[R]:
+        """Writes the batch now; the future gets `then(answers)`, or what `then` raises.
+
+        `then` runs as the reply is read (no task, no extra step of the event loop: a caller
+        turns the answers into what it needs right there). A closed channel fails the
+        future with Unavailable. Cancelling the future leaves its place in the queue
+        (replies come back in order); the shard still answers it.
+        """
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         if self.closed or self._transport is None:
-            raise Unavailable(f"{self.what} is unavailable; retry shortly")
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append(future)  # kept even if cancelled: replies come back in order
+            future.set_exception(Unavailable(f"{self.what} is unavailable; retry shortly"))
+            return future
+        self._pending.append((future, then))
         self._transport.write(frame(marshal.dumps(requests)))
-        return await future
+        return future
 
     def close(self) -> None:
         if self._transport is not None:
@@ -227,18 +238,18 @@ class ChannelClient(asyncio.Protocol):
                 break
             body = bytes(buffer[start + _HEADER.size : end])
             start = end
-            future = self._pending.popleft()
+            future, then = self._pending.popleft()
             if future.done():
                 continue  # its caller went away
             try:
-                future.set_result(decode_answers(body, self.what))
-            except Exception as exc:  # a reply this end cannot read
+                future.set_result(then(decode_answers(body, self.what)))
+            except Exception as exc:  # a reply this end cannot read, or an answer an error
                 future.set_exception(exc)
         del buffer[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         while self._pending:
-            future = self._pending.popleft()
+            future, _ = self._pending.popleft()
             if not future.done():
                 future.set_exception(Unavailable(f"{self.what} is unavailable; retry shortly"))

@@ -121,6 +121,60 @@ async def test_a_caller_that_leaves_after_its_batch_went_out_does_not_disturb_th
     assert tasks[0].result() == "answer 1"
 
 
+class SentWorker:
+    """Answers through futures the test resolves, as the shard channel does: a call is out
+    the moment it is made, and nothing waits in a task."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self._replies: list[asyncio.Future[list[str]]] = []
+
+    def one(self, request: int) -> asyncio.Future[str]:
+        single: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.many([request]).add_done_callback(
+            lambda f: single.done() or single.set_result(f.result()[0])
+        )
+        return single
+
+    def many(self, requests: list[int]) -> asyncio.Future[list[str]]:
+        self.calls.append(list(requests))
+        reply: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._replies.append(reply)
+        return reply
+
+    async def reply(self, n: int) -> None:
+        """Answer call `n`, then let the coalescer act on it."""
+        self._replies[n].set_result([f"answer {r}" for r in self.calls[n]])
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+
+async def test_started_requests_are_sent_at_once_and_later_ones_together() -> None:
+    w = SentWorker()
+    c = Coalescer(w.one, w.many, max_in_flight=1)
+    started = [c.start(r) for r in range(4)]
+    assert w.calls == [[0]]  # out before the caller awaited anything
+    await w.reply(0)
+    assert w.calls == [[0], [1, 2, 3]]
+    await w.reply(1)
+    assert [f.result() for f in started] == [f"answer {r}" for r in range(4)]
+    assert (c.alone, c.batches) == (1, {3: 1})
+
+
+async def test_a_started_request_cancelled_frees_its_slot_or_is_dropped_if_waiting() -> None:
+    w = SentWorker()
+    c = Coalescer(w.one, w.many, max_in_flight=1)
+    sent, waiting, kept = c.start(0), c.start(1), c.start(2)
+    waiting.cancel()
+    sent.cancel()  # its answer is no longer awaited: the next batch need not wait for it
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert w.calls == [[0], [2]]
+    await w.reply(1)
+    await w.reply(0)
+    assert kept.result() == "answer 2" and sent.cancelled() and waiting.cancelled()
+
+
 def test_limits_must_be_positive() -> None:
     async def never(_: object) -> object:
         raise AssertionError

@@ -194,3 +194,58 @@ async def test_every_shard_answers_before_a_failure_is_raised() -> None:
     with pytest.raises(NotFound):
         await task
     assert not any(s.cancelled for s in shards)
+
+
+class _Sent(LocalShard):
+    """A backend that sends its search at once and answers through a future, as RayShard
+    does over its channel; the test answers (or fails) each search when it likes."""
+
+    def __init__(self, shard: Shard) -> None:
+        super().__init__(shard)
+        self.sent: list[tuple[asyncio.Future[ShardHits], tuple[object, ...]]] = []
+
+    def search(self, *args: object) -> asyncio.Future[ShardHits]:  # type: ignore[override]
+        future: asyncio.Future[ShardHits] = asyncio.get_running_loop().create_future()
+        self.sent.append((future, args))
+        return future
+
+    def answer(self, error: Exception | None = None) -> None:
+        future, args = self.sent.pop(0)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(self.shard.search(*args[:5]))  # type: ignore[arg-type]
+
+
+async def test_backends_answering_through_futures_merge_like_coroutines_in_any_order() -> None:
+    items = _items(300, seed=14)
+    shards = [_Sent(Shard(i, DIM)) for i in range(3)]
+    coord = Coordinator(HashEncoder(DIM), shards)
+    await coord.upsert(items)
+    reference = _coordinator(3)
+    await reference.upsert(items)
+    q = SearchQuery(Modality.IMAGE, 10, vector=unit_vectors(1, DIM, 21)[0], allow_partial=True)
+    task = asyncio.ensure_future(coord.search(q))
+    await asyncio.sleep(0)
+    assert all(len(s.sent) == 1 for s in shards)  # every shard's search out before any answer
+    shards[2].answer()
+    shards[1].answer(Unavailable("shard 1 is unavailable; retry shortly"))
+    await asyncio.sleep(0)
+    assert not task.done()  # still waiting for shard 0
+    shards[0].answer()
+    out = await task
+    alive = [it for it in items if shards[1].shard.get([it.record.id])[0] is None]
+    assert [h.record.id for h in out.hits] == [i for i, _ in _reference(alive, q.vector, 10, 0.0)]  # type: ignore[arg-type]
+    assert out.missing_shards == (1,) and out.shards_answered == 2
+
+
+async def test_a_cancelled_search_cancels_every_shard_future() -> None:
+    shards = [_Sent(Shard(i, DIM)) for i in range(3)]
+    coord = Coordinator(HashEncoder(DIM), shards)
+    task = asyncio.ensure_future(coord.search(SearchQuery(Modality.IMAGE, 5, vector=np.ones(DIM))))
+    await asyncio.sleep(0)
+    sent = [s.sent[0][0] for s in shards]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(f.cancelled() for f in sent)
