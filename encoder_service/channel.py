@@ -20,6 +20,13 @@ plain builtins, never pickle.
 
 Requests on one connection run concurrently and replies come back as they finish (a text
 must not wait behind an image batch), matched by id.
+
+At low load a call costs ~0.6 ms beyond the replica's own time for its item (a shard's
+channel ~0.1 ms), and not in this code: the same client and server in two plain processes
+answer in 0.11-0.13 ms when the handler returns at once, and in 0.58-0.66 ms beyond the
+handler's own time when it first waits 40-100 ms on a thread (as a forward does). What
+costs is resuming after a long idle wait (on this VM), not the framing; a shard's searches
+are too short for that.
 """
 
 from __future__ import annotations
