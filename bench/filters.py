@@ -17,8 +17,13 @@ share of queries answered with fewer than 10 hits although thousands match, and 
 second one at a time (the shard's time includes building the candidate set from its
 metadata index; the others get their id sets prebuilt).
 
+The last row per type, "since", is a feed's sliding window: publish time at least a bound
+that moves with every query (about half the documents pass), so no two queries share a
+filter; faiss+sel builds its selector from that query's prebuilt id set, in the timing.
+
 Data: bench/index.py's clustered, normalised vectors (seeded, cached); every document has
-metadata keys p50, p10, p1, p01 whose value "0" matches 50 %, 10 %, 1 %, 0.1 % of them.
+metadata keys p50, p10, p1, p01 whose value "0" matches 50 %, 10 %, 1 %, 0.1 % of them,
+and document i is published at T0 + i seconds.
 
 Usage: PYTHONPATH=. python bench/filters.py [--n 100000] [--dim 128]
        [--types 'Flat;IVF1024,Flat;HNSW32'] [--queries 200]
@@ -48,6 +53,7 @@ from index_service.vector_index import filtered_params  # noqa: E402
 K = 10
 SELECTIVITY = {"p50": 2, "p10": 10, "p1": 100, "p01": 1000}  # key -> one document in n
 BATCH = 5000
+T0 = 1.7e9
 
 
 def _shard(factory: str, base: np.ndarray) -> Shard:
@@ -58,7 +64,7 @@ def _shard(factory: str, base: np.ndarray) -> Shard:
                 DocWrite(
                     DocRecord(
                         str(i),
-                        1.7e9,
+                        T0 + i,
                         {key: str(i % n) for key, n in SELECTIVITY.items()},
                         has_image=True,
                     ),
@@ -96,27 +102,32 @@ def _searchers(
     factory: str,
     sp: SearchParams | None,
     queries: np.ndarray,
-    flt: SearchFilter,
-    match: np.ndarray,
-    one_in: int,
+    flt: Callable[[int], SearchFilter],
+    match: Callable[[int], np.ndarray],
+    passes: Callable[[int, np.ndarray], np.ndarray],
     fetch: int,
 ) -> tuple[Callable[[int], np.ndarray], ...]:
-    """(the shard, raw Faiss with a selector, raw Faiss post-filtered): query i -> ids."""
-    batch = faiss.IDSelectorBatch(match)
+    """(the shard, raw Faiss with a selector, raw Faiss post-filtered): query i -> ids.
+    Query i's filter, its matching ids and which of some ids pass it come from the three
+    callables (a repeated filter returns the same id array: its selector is built once)."""
+    selectors: dict[int, tuple[np.ndarray, Any]] = {}
 
     def ours(i: int) -> np.ndarray:
-        hits = shard.search(Modality.IMAGE, queries[i], K, flt)
+        hits = shard.search(Modality.IMAGE, queries[i], K, flt(i))
         return np.array([int(r.id) for r in hits.records], dtype=np.int64)
 
-    widened = filtered_params(sp, len(match) / len(shard)) if sp is not None else None
-
     def with_sel(i: int) -> np.ndarray:
-        _, lab = raw.search(queries[i : i + 1], K, params=_params(factory, widened, batch, K))
+        ids = match(i)
+        kept = selectors.get(id(ids))
+        if kept is None or kept[0] is not ids:
+            kept = selectors[id(ids)] = (ids, faiss.IDSelectorBatch(ids))
+        widened = filtered_params(sp, len(ids) / len(shard)) if sp is not None else None
+        _, lab = raw.search(queries[i : i + 1], K, params=_params(factory, widened, kept[1], K))
         return lab[0][lab[0] >= 0]
 
     def post(i: int) -> np.ndarray:
         _, lab = raw.search(queries[i : i + 1], fetch, params=_params(factory, sp, None, fetch))
-        return lab[0][(lab[0] >= 0) & (lab[0] % one_in == 0)][:K]
+        return lab[0][(lab[0] >= 0) & passes(i, lab[0])][:K]
 
     return ours, with_sel, post
 
@@ -155,6 +166,15 @@ def main() -> None:
         f"{'type':<14} {'filter':>6} {'matching':>8} | {'shard':^22} | {'faiss+sel':^22} | "
         f"{'post-filter':^22} | shard QPS vs faiss+sel"
     )
+    # A sliding window: query i wants documents published since a bound of its own.
+    since = [args.n // 2 - i for i in range(args.queries)]
+    matches = [ids[s:] for s in since]
+    since_truth = np.stack(
+        [
+            m[faiss.knn(queries[i : i + 1], base[m], K, faiss.METRIC_INNER_PRODUCT)[1][0]]
+            for i, m in enumerate(matches)
+        ]
+    )
     for factory in args.types.split(";"):
         t0 = time.perf_counter()
         shard = _shard(factory, base)
@@ -168,23 +188,53 @@ def main() -> None:
         for key, one_in in SELECTIVITY.items():
             match = ids[ids % one_in == 0]
             _, gt_pos = faiss.knn(queries, base[match], K, faiss.METRIC_INNER_PRODUCT)
-            truth = match[gt_pos]
             flt = SearchFilter(metadata_equals=((key, "0"),))
-            fetch = min(args.n, math.ceil(K * one_in))
-            fns = _searchers(shard, raw, factory, sp, queries, flt, match, one_in, fetch)
-            cells = []
-            qps = []
-            for fn in fns:
-                found, rate = _timed(fn, args.queries)
-                rec, short = _score(found, truth)
-                cells.append(f"{rec:5.3f} {short:5.1%} {rate:7.0f}")
-                qps.append(rate)
-            print(
-                f"{'':<14} {'1/' + str(one_in):>6} {len(match):>8} | "
-                + " | ".join(f"{c:^22}" for c in cells)
-                + f" | {qps[0] / qps[1]:5.2f}x"
+            fns = _searchers(
+                shard,
+                raw,
+                factory,
+                sp,
+                queries,
+                lambda i, f=flt: f,  # type: ignore[misc]
+                lambda i, m=match: m,  # type: ignore[misc]
+                lambda i, lab, o=one_in: lab % o == 0,  # type: ignore[misc]
+                min(args.n, math.ceil(K * one_in)),
             )
+            _row(f"1/{one_in}", len(match), fns, match[gt_pos], args.queries)
+        fns = _searchers(
+            shard,
+            raw,
+            factory,
+            sp,
+            queries,
+            lambda i: SearchFilter(time_start=T0 + since[i]),
+            lambda i: matches[i],
+            lambda i, lab: lab >= since[i],
+            min(args.n, 2 * K),
+        )
+        _row("since", len(matches[0]), fns, since_truth, args.queries)
         shard.close()
+
+
+def _row(
+    name: str,
+    matching: int,
+    fns: tuple[Callable[[int], np.ndarray], ...],
+    truth: np.ndarray,
+    queries: int,
+) -> None:
+    cells = []
+    qps = []
+    for fn in fns:
+        found, rate = _timed(fn, queries)
+        rec, short = _score(found, truth)
+        cells.append(f"{rec:5.3f} {short:5.1%} {rate:7.0f}")
+        qps.append(rate)
+    print(
+        f"{'':<14} {name:>6} {matching:>8} | "
+        + " | ".join(f"{c:^22}" for c in cells)
+        + f" | {qps[0] / qps[1]:5.2f}x"
+    )
 
 
 if __name__ == "__main__":

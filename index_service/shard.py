@@ -34,9 +34,11 @@ from index_service.vectors import GrowArray
 
 _EMPTY = ShardHits(np.zeros(0, dtype=np.float32), (), exhausted=True)
 _NO_LABELS = np.zeros(0, dtype=np.int64)
-# Candidate sets of recent filters, kept until the next write, and sorted label arrays of
-# recently filtered metadata pairs, kept until a write touches the pair (a filter matching
-# half of 100k documents cost ~4 ms to gather per search from the pair's Python set).
+# Candidate sets of recent filters, kept until the next write (the least recently used
+# goes first, so a stream of one-off filters, such as a sliding time window, does not push
+# out the repeated ones), and sorted label arrays of recently filtered metadata pairs, kept
+# until a write touches the pair (a filter matching half of 100k documents cost ~4 ms to
+# gather per search from the pair's Python set).
 POOL_CACHE = 64
 PAIR_CACHE = 256
 _STATE = "records.json"
@@ -287,32 +289,40 @@ class Shard:
         if flt is None or flt.is_empty:
             return None
         key = (modality, flt.metadata_equals, flt.time_start, flt.time_end)
-        found = self._pools.get(key)
-        if found is None:
-            found = Candidates(self._passing(modality, flt))
-            with self._cache_lock:
-                if len(self._pools) >= POOL_CACHE:
-                    del self._pools[next(iter(self._pools))]
+        with self._cache_lock:  # least recently used first: a hit moves to the end
+            found = self._pools.pop(key, None)
+            if found is not None:
                 self._pools[key] = found
+                return found
+        found = self._passing(modality, flt)
+        with self._cache_lock:
+            if len(self._pools) >= POOL_CACHE:
+                del self._pools[next(iter(self._pools))]
+            self._pools[key] = found
         return found
 
-    def _passing(self, modality: Modality, flt: SearchFilter) -> np.ndarray:
-        """Sorted labels passing `flt` that hold `modality`."""
+    def _passing(self, modality: Modality, flt: SearchFilter) -> Candidates:
+        """The labels passing `flt` that hold `modality`."""
         has = self._has[modality].data
-        if flt.metadata_equals:
-            arrays = sorted((self._pair_array(p) for p in flt.metadata_equals), key=len)
-            pool = arrays[0]
-            for other in arrays[1:]:
-                pool = np.intersect1d(pool, other, assume_unique=True)
-            pool = pool[has[pool]]  # a new array: the cached ones are never changed
-        else:
-            pool = np.flatnonzero(has[: self._next_label]).astype(np.int64)
         times = self._times.data
+        if not flt.metadata_equals:  # publish time alone: one pass over every label
+            n = self._next_label
+            mask = has[:n].copy()
+            if flt.time_start is not None:
+                mask &= times[:n] >= flt.time_start
+            if flt.time_end is not None:
+                mask &= times[:n] < flt.time_end
+            return Candidates.of_mask(mask)
+        arrays = sorted((self._pair_array(p) for p in flt.metadata_equals), key=len)
+        pool = arrays[0]
+        for other in arrays[1:]:
+            pool = np.intersect1d(pool, other, assume_unique=True)
+        pool = pool[has[pool]]  # a new array: the cached ones are never changed
         if flt.time_start is not None:
             pool = pool[times[pool] >= flt.time_start]
         if flt.time_end is not None:
             pool = pool[times[pool] < flt.time_end]
-        return pool
+        return Candidates(pool)
 
     def _pair_array(self, pair: tuple[str, str]) -> np.ndarray:
         """Sorted labels of the documents with metadata `pair`."""

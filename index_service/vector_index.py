@@ -550,34 +550,72 @@ def shard_factory(settings: IndexSettings) -> str:
 
 
 class Candidates:
-    """Sorted live labels a filter admits, with the Faiss selector over them built on first
-    use and kept alongside (a shard reuses the candidates of a repeated filter until its next
-    write: building them cost more than the search at broad filters)."""
+    """The live labels a filter admits: how many, the sorted labels (built on first use when
+    many), and the Faiss selector over them (built on first use). A shard reuses the
+    candidates of a repeated filter until its next write: building them cost more than the
+    search at broad filters.
 
-    __slots__ = ("_selector", "labels")
+    A filter on publish time alone arrives as a mask over every label (`of_mask`): a feed's
+    "last 7 days" has new bounds with every request, so it is built each time, and a mask
+    computed in one vectorised pass and packed straight into the selector's bitmap costs
+    40 us at 100k documents against 570 us for the sorted label list and the bitmap built
+    from it.
+    """
+
+    __slots__ = ("_bitmap", "_count", "_labels", "_selector")
 
     def __init__(self, labels: np.ndarray) -> None:
-        self.labels = labels
+        self._labels: np.ndarray | None = labels
+        self._count = len(labels)
+        self._bitmap: np.ndarray | None = None
         self._selector: _BitmapSelector | None = None
 
+    @classmethod
+    def of_mask(cls, mask: np.ndarray) -> Candidates:
+        """The labels where `mask` (bool, indexed by label) is set."""
+        found = cls.__new__(cls)
+        found._count = int(np.count_nonzero(mask))
+        found._labels = np.flatnonzero(mask) if found._count <= EXACT_SCAN_MAX else None
+        found._bitmap = np.packbits(mask, bitorder="little")
+        found._selector = None
+        return found
+
     def __len__(self) -> int:
-        return len(self.labels)
+        return self._count
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Sorted labels (int64)."""
+        labels = self._labels
+        if labels is None:  # racing searches may both build them: either is right
+            assert self._bitmap is not None
+            bits = np.unpackbits(self._bitmap, bitorder="little")
+            labels = self._labels = np.flatnonzero(bits)
+        return labels
 
     def selector(self) -> _BitmapSelector:
         sel = self._selector
         if sel is None:  # racing searches may both build one: either is right
-            sel = self._selector = _BitmapSelector(self.labels)
+            bitmap = self._bitmap
+            if bitmap is None:
+                bitmap = _bitmap_of(self.labels)
+            sel = self._selector = _BitmapSelector(bitmap)
         return sel
 
 
-class _BitmapSelector:
-    """faiss.IDSelectorBitmap over sorted labels, keeping its bitmap alive."""
+def _bitmap_of(labels: np.ndarray) -> np.ndarray:
+    """Faiss's bitmap (bit i of byte i // 8, lowest first) of sorted labels."""
+    bits = np.zeros(int(labels[-1]) + 1 if len(labels) else 1, dtype=bool)
+    bits[labels] = True
+    return np.packbits(bits, bitorder="little")
 
-    def __init__(self, labels: np.ndarray) -> None:
-        bits = np.zeros(int(labels[-1]) + 1 if len(labels) else 1, dtype=bool)
-        bits[labels] = True
-        self._bitmap = np.packbits(bits, bitorder="little")
-        self.sel = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+
+class _BitmapSelector:
+    """faiss.IDSelectorBitmap over a packed bitmap, keeping the bitmap alive."""
+
+    def __init__(self, bitmap: np.ndarray) -> None:
+        self._bitmap = bitmap
+        self.sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
 
 
 class _NotSelector:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clipsearch.types import DocRecord, DocWrite, Modality, SearchFilter, SearchParams
+from index_service import shard as shard_module
 from index_service import vector_index
 from index_service.shard import Shard
 from index_service.vector_index import EXACT_SCAN_MAX
@@ -125,6 +126,7 @@ def test_a_repeated_filter_follows_every_write(matching: int) -> None:
         SearchFilter(metadata_equals=(("tag", "a"),)),
         SearchFilter(metadata_equals=(("tag", "b"),)),
         SearchFilter(metadata_equals=(("tag", "a"),), time_start=50.0, time_end=150.0),
+        SearchFilter(time_start=50.0, time_end=150.0),  # publish time alone: a mask
     ]
 
     def answers() -> list[list[str]]:
@@ -137,21 +139,51 @@ def test_a_repeated_filter_follows_every_write(matching: int) -> None:
             got.append(ids)
         return got
 
-    tagged, tagged_b, ranged = answers()
-    assert tagged[0] == ranged[0] == "d0"
+    tagged, tagged_b, ranged, recent = answers()
+    assert tagged[0] == ranged[0] == recent[0] == "d0"
     write(new, "a", vec=query)  # a new exact match
-    tagged, tagged_b, ranged = answers()
-    assert tagged[0] == ranged[0] == f"d{new}"
+    tagged, tagged_b, ranged, recent = answers()
+    assert tagged[0] == ranged[0] == recent[0] == f"d{new}"
     write(new, "b", vec=query)  # replaced: now tagged b
-    tagged, tagged_b, ranged = answers()
-    assert tagged[0] == ranged[0] == "d0" and tagged_b[0] == f"d{new}"
+    tagged, tagged_b, ranged, recent = answers()
+    assert tagged[0] == ranged[0] == "d0" and tagged_b[0] == recent[0] == f"d{new}"
     write(0, "a", t=500.0)  # out of the time range, still tagged a
-    tagged, tagged_b, ranged = answers()
-    assert tagged[0] == "d0" and "d0" not in ranged
+    tagged, tagged_b, ranged, recent = answers()
+    assert tagged[0] == "d0" and "d0" not in ranged and "d0" not in recent
     shard.delete(["d0"])
     del stored["d0"]
-    tagged, tagged_b, ranged = answers()
-    assert "d0" not in tagged and len(tagged) == len(ranged) == 5
+    tagged, tagged_b, ranged, recent = answers()
+    assert "d0" not in tagged and len(tagged) == len(ranged) == len(recent) == 5
+    shard.close()
+
+
+@pytest.mark.parametrize("pair", [(), (("parity", "0"),)], ids=["time-alone", "with-pair"])
+def test_a_publish_time_range_includes_its_start_and_excludes_its_end(
+    pair: tuple[tuple[str, str], ...],
+) -> None:
+    data = clustered(500, seed=7)  # docs() publishes document i at time i
+    shard = Shard(0, DIM, settings("Flat"))
+    shard.upsert(docs(data))
+    flt = SearchFilter(metadata_equals=pair, time_start=100.0, time_end=200.0)
+    hits = shard.search(Modality.IMAGE, data[0], 500, flt)
+    expected = {f"d{i}" for i in range(100, 200) if not pair or i % 2 == 0}
+    assert {r.id for r in hits.records} == expected and hits.exhausted
+    shard.close()
+
+
+def test_one_off_filters_do_not_push_out_a_repeated_one() -> None:
+    """A feed's sliding time window is a new filter with every request; the candidates of a
+    filter repeated among them stay kept (least recently used goes first)."""
+    data = clustered(500, seed=6)
+    shard = Shard(0, DIM, settings("Flat"))
+    shard.upsert(docs(data))
+    repeated = SearchFilter(metadata_equals=(("tenth", "3"),))
+    kept = shard._candidates(Modality.IMAGE, repeated)
+    for t in range(3 * shard_module.POOL_CACHE):
+        shard.search(Modality.IMAGE, data[0], 5, SearchFilter(time_start=float(t)))
+        if t % 8 == 0:
+            shard.search(Modality.IMAGE, data[0], 5, repeated)
+    assert shard._candidates(Modality.IMAGE, repeated) is kept
     shard.close()
 
 
