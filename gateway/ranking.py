@@ -13,16 +13,19 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from clipsearch.types import DocRecord, ShardHits
 
 SECONDS_PER_DAY = 86_400.0
 
 
-@dataclass(frozen=True, slots=True)
-class RankedHit:
-    """A candidate with its recency decay applied."""
+class RankedHit(NamedTuple):
+    """A candidate with its recency decay applied.
+
+    A NamedTuple, not a frozen dataclass: k are built per search, and a frozen dataclass's
+    `__init__` sets each field through `object.__setattr__` (1.3 us a hit against 0.3).
+    """
 
     record: DocRecord
     similarity: float
