@@ -51,9 +51,10 @@ FORWARD_STUCK_AFTER_S = 120.0
 # forward with 2 torch threads under load measured 0.5 img/s spinning vs 5.2 img/s passive.
 # libgomp's default short spin (~3 ms) was measured too, with the model loaded on the
 # first model slot's thread (else the replica holds more OpenMP threads than cores and
-# libgomp throttles the spin to ~100 rounds, the same as passive): low-load forwards 10 %
-# faster, but 11 % fewer images/s under load and, in one run of two, 1.5 s stalls at low
-# load while another process took a core; a bounded GOMP_SPINCOUNT=10000 gained nothing.
+# libgomp throttles the spin to ~100 rounds, the same as passive): low-load forwards 6-12 %
+# faster, but 4-11 % fewer images/s under load (even with two threads for lone items only)
+# and, in one bench run, 1.5 s stalls at low load while another process took a core; a
+# bounded GOMP_SPINCOUNT=10000 gained nothing.
 REPLICA_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 _BATCH_KEYS = frozenset({"max_batch_size", "batch_wait_timeout_s"})
 REPLICA_NICENESS = 0
