@@ -178,14 +178,15 @@ class Validator:
         # One pass tells all: the float64 sum of squares of finite float32 values cannot
         # overflow, so it is NaN or infinite exactly when an element is.
         wide = arr.astype(np.float64)
-        squares = float(wide @ wide)
+        squares = float(wide.dot(wide))  # `@` takes the slower generalised-ufunc path
         if not math.isfinite(squares):
             raise InvalidArgument(f"{field}: contains NaN or infinity")
         if squares == 0.0:
             raise InvalidArgument(f"{field}: must be non-zero")
         # Divided in float64: the norm of large finite float32 values can itself exceed
         # float32's range (512 x 3e38 -> 6.8e39), and in float32 it became inf, the vector 0.
-        return (wide / math.sqrt(squares)).astype(np.float32)
+        wide /= math.sqrt(squares)
+        return wide.astype(np.float32)
 
     def encode_batch(self, n: int, field: str) -> None:
         """An Encode* batch size within 1..max_encode_items."""
@@ -357,7 +358,11 @@ def search_response(outcome: SearchOutcome, q: SearchQuery) -> search_pb2.Search
             metadata = hit.metadata
             for key, value in record.metadata.items():
                 metadata[key] = value
-        _set_posix(hit.publish_time, record.publish_time)
+        publish_time = record.publish_time
+        if publish_time == int(publish_time):  # `_set_posix`'s common case, inlined
+            hit.publish_time.seconds = int(publish_time)
+        else:
+            _set_posix(hit.publish_time, publish_time)
     return resp
 
 

@@ -89,7 +89,7 @@ class Coordinator:
     async def search(self, q: SearchQuery) -> SearchOutcome:
         """The exact top_k by similarity x recency decay over all shards."""
         t0 = time.perf_counter()
-        vector = await self._query_vector(q)
+        vector = q.vector if q.vector is not None else await self._encoded(q)
         t1 = time.perf_counter()
         fetch = q.top_k * (_RECENCY_OVERFETCH if q.alpha > 0 else 1)
         missing: set[int] = set()
@@ -107,12 +107,12 @@ class Coordinator:
             _check_deadline(q.deadline)  # never start another round the caller cannot use
             fetch *= _GROWTH
         t3 = time.perf_counter()
-        timings = {
-            "encode": t1 - t0,
-            "search": t2 - t1,
-            "merge": max(0.0, t3 - t2 - (rerank_s if q.alpha > 0 else 0.0)),
-            "rerank": rerank_s,
-            "total": t3 - t0,
+        timings_ms = {
+            "encode": (t1 - t0) * 1000.0,
+            "search": (t2 - t1) * 1000.0,
+            "merge": max(0.0, t3 - t2 - rerank_s) * 1000.0,
+            "rerank": rerank_s * 1000.0,
+            "total": (t3 - t0) * 1000.0,
         }
         return SearchOutcome(
             hits=top,
@@ -120,7 +120,7 @@ class Coordinator:
             shards_answered=len(answers),
             shards_total=len(self.shards),
             missing_shards=tuple(sorted(missing)),
-            timings_ms={k: v * 1000.0 for k, v in timings.items()},
+            timings_ms=timings_ms,
         )
 
     async def upsert(
@@ -159,9 +159,8 @@ class Coordinator:
         """Per-shard counts."""
         return list(await asyncio.gather(*(s.stats() for s in self.shards)))
 
-    async def _query_vector(self, q: SearchQuery) -> np.ndarray:
-        if q.vector is not None:
-            return q.vector
+    async def _encoded(self, q: SearchQuery) -> np.ndarray:
+        """The query text's or image's vector."""
         if q.text is not None:
             return (await self.encoder.encode_texts([q.text], q.text_options))[0]
         assert q.image is not None  # guaranteed by validation
