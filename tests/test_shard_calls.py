@@ -34,7 +34,15 @@ def _queries(dim: int) -> list[SearchQuery]:
 
 
 def _ids_and_scores(outcome: object) -> list[tuple[str, float]]:
-    return [(h.record.id, round(h.score, 6)) for h in outcome.hits]  # type: ignore[attr-defined]
+    return [(h.record.id, h.score) for h in outcome.hits]  # type: ignore[attr-defined]
+
+
+def _assert_same_answers(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    """Same ids in the same order, scores equal up to float rounding (searches that travel
+    together are scored by one matrix product, a lone one by per-vector sums; no two
+    documents here score within the tolerance of each other)."""
+    assert [i for i, _ in got] == [i for i, _ in want]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
 
 
 @pytest.mark.integration
@@ -59,7 +67,8 @@ def test_concurrent_searches_share_actor_calls_and_answer_as_if_alone(
     expected = [_ids_and_scores(o) for o in stack.run(alone())]  # type: ignore[union-attr]
     before = [dict(s.searches.batches) for s in coordinator.shards]
     got = [_ids_and_scores(o) for o in stack.run(together())]  # type: ignore[union-attr]
-    assert got == expected
+    for answer, alone_answer in zip(got, expected, strict=True):
+        _assert_same_answers(answer, alone_answer)
     assert all(len(hits) == 5 for hits in got)
     batched = [
         sum(n * c for n, c in s.searches.batches.items()) - sum(n * c for n, c in b.items())
