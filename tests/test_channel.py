@@ -74,9 +74,10 @@ async def test_channel_answers_what_the_actor_method_answers(
     got = await _send(client, requests)
     want = [actor.search_packed(r) for r in requests]
     assert [wire.unpack_hits(g).records for g in got] == [wire.unpack_hits(w).records for w in want]
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(
-            wire.unpack_hits(g).similarities, wire.unpack_hits(w).similarities
+    for g, w in zip(got, want, strict=True):  # alike searches in one call are scored as a
+        # batch (one matrix product), a lone one by per-vector sums: equal to float rounding
+        np.testing.assert_allclose(
+            wire.unpack_hits(g).similarities, wire.unpack_hits(w).similarities, rtol=0, atol=1e-6
         )
     assert all(len(wire.unpack_hits(g).records) == 5 for g in got)
     assert all(r.metadata["g"] == "1" for r in wire.unpack_hits(got[1]).records)
