@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,28 +186,19 @@ def main() -> None:
             f"{factory}: shard built in {time.perf_counter() - t0:.0f} s, active "
             f"{stats.active_type}, defaults {sp}"
         )
+        searchers = partial(_searchers, shard, raw, factory, sp, queries)
         for key, one_in in SELECTIVITY.items():
             match = ids[ids % one_in == 0]
             _, gt_pos = faiss.knn(queries, base[match], K, faiss.METRIC_INNER_PRODUCT)
             flt = SearchFilter(metadata_equals=((key, "0"),))
-            fns = _searchers(
-                shard,
-                raw,
-                factory,
-                sp,
-                queries,
+            fns = searchers(
                 lambda i, f=flt: f,  # type: ignore[misc]
                 lambda i, m=match: m,  # type: ignore[misc]
                 lambda i, lab, o=one_in: lab % o == 0,  # type: ignore[misc]
                 min(args.n, math.ceil(K * one_in)),
             )
             _row(f"1/{one_in}", len(match), fns, match[gt_pos], args.queries)
-        fns = _searchers(
-            shard,
-            raw,
-            factory,
-            sp,
-            queries,
+        fns = searchers(
             lambda i: SearchFilter(time_start=T0 + since[i]),
             lambda i: matches[i],
             lambda i, lab: lab >= since[i],
