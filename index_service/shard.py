@@ -136,7 +136,7 @@ class Shard:
         Returns k hits whenever k documents match (see index_service.vector_index for how
         each index type keeps that promise); `params` overrides the tuned nprobe/efSearch.
         """
-        return self.search_many(modality, self._as_query(query).reshape(1, -1), k, flt, params)[0]
+        return self.search_many(modality, np.reshape(query, (1, -1)), k, flt, params)[0]
 
     def search_many(
         self,
@@ -151,7 +151,7 @@ class Shard:
         concurrent searches the gateway coalesces into one call."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[-1]}, shard holds {self.dim}")
+            raise ValueError(f"query has dimension {queries.shape[-1]}, shard holds {self.dim}")
         index = self._indexes[modality]
         with self._lock.write() if index.exclusive_search else self._lock.read():
             allowed = self._candidates(modality, flt)
@@ -231,12 +231,6 @@ class Shard:
     def _maybe_rebuild(self) -> None:
         for index in self._indexes.values():
             index.maybe_rebuild()
-
-    def _as_query(self, query: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.dim:
-            raise ValueError(f"query has dimension {q.shape[0]}, shard holds {self.dim}")
-        return q
 
     def _vectors(
         self, modality: Modality, writes: Sequence[DocWrite]
