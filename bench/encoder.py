@@ -29,7 +29,7 @@ process and event loop, so its own work counts as gateway here. The gateway's he
 canary is turned off (it would put a text forward every 5 s into the measurements).
 
 Usage: PYTHONPATH=. python bench/encoder.py [--dtypes fp32,bf16,int8] [--batch 8]
-         [--threads N] [--seconds 5] [--rounds 2] [--channel on|off]
+         [--threads N] [--omp-spin N] [--seconds 5] [--rounds 2] [--channel on|off]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
 from clipsearch.launcher import init_ray  # noqa: E402
-from clipsearch.settings import load_settings  # noqa: E402
+from clipsearch.settings import EncoderSettings, load_settings  # noqa: E402
 from clipsearch.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
 from encoder_service.channel import pack_text  # noqa: E402
 from encoder_service.images import decode_image  # noqa: E402
@@ -224,12 +224,15 @@ class Served:
         return answer  # type: ignore[no-any-return]
 
 
-def encoder_settings(directory: Path, dtype: str, batch: int, threads: int) -> dict[str, Any]:
+def encoder_settings(
+    directory: Path, dtype: str, batch: int, threads: int, omp_spin: int
+) -> dict[str, Any]:
     return {
         "model": str(directory),
         "dtype": dtype,
         "torch_threads": threads,
         "max_batch_size": batch,
+        "omp_spin_count": omp_spin,
         "cache_bytes": 0,  # every call must reach the model
     }
 
@@ -357,7 +360,7 @@ async def measure(
     settings = load_settings(
         gateway={"port": 0, "health_interval_s": 3600.0},
         demo_corpus=0,
-        encoder=encoder_settings(directory, dtype, b, args.threads),
+        encoder=encoder_settings(directory, dtype, b, args.threads, args.omp_spin),
     )
     served = await start_served(settings, args.channel == "on")
     f: dict[str, float] = {}
@@ -543,7 +546,10 @@ def in_children(args: argparse.Namespace) -> list[Row]:
     for dtype in args.dtypes.split(","):
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "row.json"
-            options = [f"--{name}={getattr(args, name)}" for name in ("batch", "threads")]
+            options = [
+                f"--{name.replace('_', '-')}={getattr(args, name)}"
+                for name in ("batch", "threads", "omp_spin")
+            ]
             options += [f"--seconds={args.seconds}", f"--rounds={args.rounds}"]
             options += [f"--channel={args.channel}"]
             command = [sys.executable, os.path.abspath(__file__), f"--dtypes={dtype}", *options]
@@ -557,6 +563,13 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16,int8")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--omp-spin",
+        type=int,
+        default=EncoderSettings().omp_spin_count,
+        help="the replica's encoder.omp_spin_count (0 = OMP_WAIT_POLICY=PASSIVE); the raw "
+        "side keeps libgomp's defaults",
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
@@ -576,6 +589,7 @@ def main() -> None:
         return
     print()
     print(table(rows, args.batch))
+    print(f"replica encoder.omp_spin_count {args.omp_spin} (0 = OMP_WAIT_POLICY=PASSIVE)")
     print()
     print(split_table(rows))
 

@@ -46,16 +46,33 @@ DECODE_WORKERS = 2
 """Images decoded and preprocessed at once per replica (bounds CPU and memory spikes)."""
 FORWARD_STUCK_AFTER_S = 120.0
 """A model forward running longer than this makes the replica report itself unhealthy."""
-# Idle OpenMP threads sleep instead of spinning. On a 2-core machine shared with the
-# gateway, shards and decode workers, spinning threads starve each other: a ViT-B/32 image
-# forward with 2 torch threads under load measured 0.5 img/s spinning vs 5.2 img/s passive.
-# libgomp's default short spin (~3 ms) was measured too, with the model loaded on the
-# first model slot's thread (else the replica holds more OpenMP threads than cores and
-# libgomp throttles the spin to ~100 rounds, the same as passive): low-load forwards 6-12 %
-# faster, but 4-11 % fewer images/s under load (even with two threads for lone items only)
-# and, in one bench run, 1.5 s stalls at low load while another process took a core; a
-# bounded GOMP_SPINCOUNT=10000 gained nothing.
-REPLICA_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def replica_env(encoder: EncoderSettings) -> dict[str, str]:
+    """The environment a replica's process starts with: libgomp's wait policy.
+
+    libgomp reads it once, at start-up. Its default (spin ~3 ms, then sleep; throttled to
+    ~100 rounds once the process holds more OpenMP threads than cores, as a replica with two
+    model slots does) and PASSIVE (sleep at once) were measured earlier; PASSIVE was kept,
+    because on 2 shared cores spinning threads starved each other (0.5 vs 5.2 img/s under
+    load) and the default spin cost 4-11 % of images/s. But a sleeping worker is woken at
+    every parallel region of a lone forward: an fp32 ViT-B/32 image forward with 2 threads,
+    in a plain process, took 74-76 ms passive against 65-68 ms with the default spin.
+
+    ACTIVE with a bounded `GOMP_SPINCOUNT` takes most of that back: 1,000-3,000 rounds (tens
+    of microseconds) measured 65-68 ms, and ACTIVE makes the throttled count min(1000, N)
+    instead of ~100, so the replica spins too. Under load it costs nothing measurable:
+    concurrent batches run one thread each, with no team to wait for (bench/encoder.py,
+    interleaved with PASSIVE: image throughput 0.96-1.03 of raw vs 0.94-0.95). Its price is
+    on a host whose cores other processes keep busy: with a busy loop on one of the 2 cores,
+    a lone 2-thread forward took 165-172 ms against 126 ms passive (300-400 ms with the
+    default spin). `encoder.omp_spin_count: 0` is PASSIVE for such hosts.
+    """
+    if encoder.omp_spin_count == 0:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": str(encoder.omp_spin_count)}
+
+
 _BATCH_KEYS = frozenset({"max_batch_size", "batch_wait_timeout_s"})
 REPLICA_NICENESS = 0
 """Scheduling niceness the replica's threads ask for. Ray starts every worker process at
@@ -151,7 +168,7 @@ def build_encoder_app(encoder: EncoderSettings, limits: LimitSettings) -> Applic
         ray_actor_options={
             "num_cpus": encoder.num_cpus,
             "num_gpus": encoder.num_gpus,
-            "runtime_env": {"env_vars": dict(REPLICA_ENV_VARS)},
+            "runtime_env": {"env_vars": replica_env(encoder)},
         },
         user_config=batch_config(encoder),
         # The gateway writes one access-log line per RPC; a second line per item from every

@@ -33,6 +33,7 @@ from encoder_service.deployment import (
     _check_text,
     build_encoder_app,
     default_torch_threads,
+    replica_env,
 )
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
@@ -384,6 +385,20 @@ def test_phase_log_keeps_the_latest_records_per_queue() -> None:
         log.add("text", PhaseTimes(0.0, 0.0, float(n), 0.0, 1))
     assert [t.forward_s for t in log.recent("text")] == [2.0, 3.0, 4.0]
     assert log.recent("image") == []
+
+
+def test_replica_env_sets_libgomps_wait_policy_from_settings() -> None:
+    # A short bounded spin by default; ACTIVE, so libgomp's throttled count (used once a
+    # process holds more OpenMP threads than cores) is min(1000, N), not ~100.
+    assert replica_env(EncoderSettings()) == {
+        "OMP_WAIT_POLICY": "ACTIVE",
+        "GOMP_SPINCOUNT": "3000",
+    }
+    assert replica_env(EncoderSettings(omp_spin_count=50_000))["GOMP_SPINCOUNT"] == "50000"
+    # 0: sleep at once. No GOMP_SPINCOUNT, which would override PASSIVE's zero spin.
+    assert replica_env(EncoderSettings(omp_spin_count=0)) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    with pytest.raises(ValueError, match="omp_spin_count"):
+        EncoderSettings(omp_spin_count=-1)
 
 
 def test_default_torch_threads_share_the_cores_among_replicas() -> None:
