@@ -60,12 +60,12 @@ def replica_env(encoder: EncoderSettings) -> dict[str, str]:
     in a plain process, took 74-76 ms passive against 65-68 ms with the default spin.
 
     ACTIVE with a bounded `GOMP_SPINCOUNT` takes most of that back: 1,000-3,000 rounds (tens
-    of microseconds) measured 65-68 ms, and ACTIVE makes the throttled count min(1000, N)
+    of microseconds) measured 65-69 ms, and ACTIVE makes the throttled count min(1000, N)
     instead of ~100, so the replica spins too. Under load it costs nothing measurable:
     concurrent batches run one thread each, with no team to wait for (bench/encoder.py,
-    interleaved with PASSIVE: image throughput 0.96-1.03 of raw vs 0.94-0.95). Its price is
+    alternated with PASSIVE: image throughput 0.93-1.03 of raw vs 0.94-0.95). Its price is
     on a host whose cores other processes keep busy: with a busy loop on one of the 2 cores,
-    a lone 2-thread forward took 165-172 ms against 126 ms passive (300-400 ms with the
+    a lone 2-thread forward took 165-172 ms against 126 ms passive (241-251 ms with the
     default spin). `encoder.omp_spin_count: 0` is PASSIVE for such hosts.
     """
     if encoder.omp_spin_count == 0:
