@@ -123,6 +123,13 @@ def _raise_own_priority() -> None:
         pass
 
 
+def cache_namespace(encoder: ClipEncoder) -> str:
+    """Everything about the encoder that changes a vector (model, dtype, resolutions,
+    pre-shrink); part of every cache key."""
+    scales = ",".join(map(str, encoder.scales))
+    return f"{encoder.model_id}|{encoder.dtype}|{scales}|gap={encoder.reducing_gap:g}"
+
+
 def default_torch_threads(replicas: int) -> int:
     """Intra-op threads when settings say 0: this machine's cores shared among the replicas.
 
@@ -198,12 +205,10 @@ class EncoderDeployment:
             dtype=encoder.dtype,
             torch_threads=encoder.torch_threads or default_torch_threads(encoder.replicas),
             multiscale_sizes=encoder.multiscale_sizes,
+            reducing_gap=encoder.reducing_gap,
         )
         self._cache = EmbeddingCache(encoder.cache_bytes)
-        # Everything about the model that changes a vector; part of every cache key.
-        self._model_key = "|".join(
-            (self._encoder.model_id, self._encoder.dtype, *map(str, self._encoder.scales))
-        )
+        self._model_key = cache_namespace(self._encoder)
         self._decode_pool = ThreadPoolExecutor(
             DECODE_WORKERS, thread_name_prefix="decode", initializer=_raise_own_priority
         )
@@ -499,6 +504,7 @@ class EncoderDeployment:
             data,
             max_bytes=self._limits.max_image_bytes,
             max_pixels=self._limits.max_image_pixels,
+            min_side=self._encoder.min_image_side,
         )
         return key, self._encoder.prepare_image(image)
 

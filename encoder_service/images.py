@@ -40,13 +40,17 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = 0) -> Image.Image:
     """Decode caller-supplied bytes into an RGB image, refusing anything unsafe.
 
     Args:
         data: The encoded image (JPEG, PNG, WebP, GIF (first frame), BMP or TIFF).
         max_bytes: Largest accepted encoded size.
         max_pixels: Largest accepted width x height, checked from the header before decoding.
+        min_side: 0 decodes every pixel. Otherwise a JPEG whose short side is at least
+            twice this is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, which
+            skips most of the inverse transform) with its short side kept >= `min_side`;
+            other formats decode in full.
 
     Returns:
         A fully loaded image in mode RGB with its EXIF orientation applied; transparent
@@ -62,6 +66,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     with _bomb_warning_is_error():
         image = _open(bytes(data), max_pixels)
         _check_pixels(image.size, max_pixels)
+        if min_side > 0 and image.format == "JPEG":
+            _draft(image, min_side)
         _load(image, max_pixels)
         # GIF and TIFF frames may be larger than the size the header announced.
         _check_pixels(image.size, max_pixels)
@@ -113,6 +119,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise InvalidArgument(_unidentified_message(data)) from exc
     except Exception as exc:  # Pillow raises many types for a damaged header
+        raise InvalidArgument(_CORRUPT) from exc
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps the short side >= min_side."""
+    width, height = image.size
+    short = min(width, height)
+    if short < 2 * min_side:
+        return
+    # Pillow picks the largest scale 1/s (s in 8, 4, 2) with s <= min(w // rw, h // rh) and
+    # the decoder rounds up, so asking for each side times min_side / short (rounded up)
+    # gives s <= short / min_side: the short side stays >= min_side.
+    wanted = (-(-width * min_side // short), -(-height * min_side // short))
+    try:
+        image.draft(None, wanted)
+    except Exception as exc:  # a header Pillow parsed but cannot scale: report it as corrupt
         raise InvalidArgument(_CORRUPT) from exc
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from PIL import Image
 from ray import serve
 from ray.exceptions import TaskCancelledError
@@ -166,6 +167,39 @@ def test_request_options_override_the_settings(
 def test_bad_request_template_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="exactly once"):
         bare_replica()._text_options(TextOptions("no placeholder"))
+
+
+def jpeg(size: tuple[int, int]) -> bytes:
+    x = np.linspace(0, 255, size[0], dtype=np.float32)
+    y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None]
+    pixels = np.stack([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_reducing_gap_shrinks_what_the_replica_decodes_and_keys_its_cache(
+    model_dir: Path,
+) -> None:
+    # Built outside an event loop, a replica opens no channel: its helpers run as in Serve.
+    replicas = {
+        gap: EncoderDeployment.func_or_class(  # type: ignore[attr-defined]
+            EncoderSettings(model=str(model_dir), reducing_gap=gap), LIMITS
+        )
+        for gap in (0, 2)
+    }
+    data = jpeg((1024, 768))  # short side 768 >= 8 x (2 x 32): decoded at 1/8 scale
+    limits = {"max_bytes": LIMITS.max_image_bytes, "max_pixels": LIMITS.max_image_pixels}
+    for gap, replica in replicas.items():
+        encoder = replica._encoder
+        decoded = decode_image(data, **limits, min_side=encoder.min_image_side)
+        assert decoded.size == ((128, 96) if gap else (1024, 768))
+        _, pixels = replica._lookup_image(data)
+        for got, expected in zip(pixels, encoder.prepare_image(decoded), strict=True):
+            assert torch.equal(got, expected)
+    key_exact, _ = replicas[0]._lookup_image(data)
+    key_quick, _ = replicas[2]._lookup_image(data)
+    assert key_exact != key_quick  # a cache never mixes the two preprocessings
 
 
 # --- integration -------------------------------------------------------------------------

@@ -298,3 +298,67 @@ def test_palette_without_transparency_is_converted(fmt: str) -> None:
 def test_progressive_jpeg_decodes() -> None:
     data = encode(Image.new("RGB", (64, 48), RED), "JPEG", progressive=True)
     assert_close(decode(data).getpixel((10, 10)), RED)
+
+
+# --- min_side: JPEG DCT scaling ------------------------------------------------------------
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A smooth picture with structure (gradients and blocks), like a downscaled photo."""
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    pixels = np.stack([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 30, 30)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def decode_scaled(data: bytes, min_side: int) -> Image.Image:
+    return decode_image(data, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, min_side=min_side)
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "expected"),
+    [
+        ((1600, 1200), 224, (400, 300)),  # 1200 // 224 = 5: scale 1/4, not 1/8 (150 < 224)
+        ((1600, 1200), 150, (200, 150)),  # exactly 1/8
+        ((1200, 1600), 300, (300, 400)),  # portrait: the short side is the width
+        ((1601, 1201), 150, (201, 151)),  # the decoder rounds up
+        ((447, 300), 224, (447, 300)),  # short side under 2 x min_side: full size
+    ],
+)
+def test_min_side_decodes_a_large_jpeg_at_the_smallest_scale_keeping_it(
+    size: tuple[int, int], min_side: int, expected: tuple[int, int]
+) -> None:
+    data = encode(photo(*size), "JPEG", quality=95)
+    image = decode_scaled(data, min_side)
+    assert image.size == expected and image.mode == "RGB"
+    assert min(image.size) >= min_side
+
+
+def test_a_scaled_jpeg_is_the_picture_at_a_smaller_size() -> None:
+    data = encode(photo(1600, 1200), "JPEG", quality=95)
+    full = decode(data).reduce(4)
+    scaled = decode_scaled(data, 224)
+    assert scaled.size == full.size
+    diff = np.abs(np.asarray(scaled, np.int16) - np.asarray(full, np.int16))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12
+
+
+def test_min_side_leaves_other_formats_whole() -> None:
+    data = encode(photo(1600, 1200), "PNG")
+    assert decode_scaled(data, 224).size == (1600, 1200)
+
+
+def test_min_side_keeps_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo(1600, 1200), "JPEG", exif=exif.tobytes())
+    assert decode_scaled(data, 224).size == (300, 400)
+
+
+def test_min_side_still_refuses_bombs_and_damage_by_the_header() -> None:
+    big = encode(photo(1600, 1200), "JPEG")
+    with pytest.raises(InvalidArgument, match="1920000 pixels, over the limit of 1000000"):
+        decode_image(big, max_bytes=MAX_BYTES, max_pixels=1_000_000, min_side=100)
+    with pytest.raises(InvalidArgument, match="truncated or corrupt"):
+        decode_scaled(big[: len(big) // 2], 100)

@@ -351,3 +351,47 @@ def test_multiscale_sizes_must_be_positive(model_dir: Path) -> None:
 def test_reports_its_resolution_and_context(encoder: ClipEncoder) -> None:
     assert (encoder.image_size, encoder.max_text_tokens) == (32, TINY_CONTEXT)
     assert (encoder.device, encoder.dtype, encoder.scales) == ("cpu", "fp32", (32,))
+
+
+# --- reducing_gap ----------------------------------------------------------------------------
+
+
+def smooth_photo(width: int, height: int) -> Image.Image:
+    """Gradients and a block: the kind of picture a box pre-shrink barely changes (noise
+    would alias, which no resampler keeps)."""
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    pixels = np.stack([x + 0 * y, y + 0 * x, 255 - (x + y) / 2], axis=-1)
+    pixels[height // 3 : height // 2, width // 5 : width // 2] = (250, 30, 30)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_reducing_gap_shrinks_large_images_close_to_the_exact_path(
+    encoder: ClipEncoder, model_dir: Path
+) -> None:
+    quick = ClipEncoder(str(model_dir), reducing_gap=2, multiscale_sizes=[48])
+    exact = ClipEncoder(str(model_dir), multiscale_sizes=[48])
+    assert (encoder.min_image_side, quick.min_image_side) == (0, 96)
+    pictures = [smooth_photo(640, 480), smooth_photo(480, 1000)]
+    fast_pixels = [quick.prepare_image(p) for p in pictures]
+    exact_pixels = [exact.prepare_image(p) for p in pictures]
+    for fast, slow in zip(fast_pixels, exact_pixels, strict=True):
+        for a, b in zip(fast, slow, strict=True):  # each scale
+            assert a.shape == b.shape
+            assert not torch.equal(a, b)  # the pre-shrink ran
+            assert float((a - b).abs().mean()) < 0.02  # ~1 level in 255, normalised
+    assert_same_directions(quick.encode_pixels(fast_pixels), exact.encode_pixels(exact_pixels))
+
+
+def test_reducing_gap_leaves_images_under_twice_its_side_exact(model_dir: Path) -> None:
+    quick = ClipEncoder(str(model_dir), reducing_gap=2)
+    exact = ClipEncoder(str(model_dir))
+    for picture in [*images(6), smooth_photo(127, 300)]:  # short sides < 2 x 64
+        for a, b in zip(quick.prepare_image(picture), exact.prepare_image(picture), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gap", [0.5, -1, float("nan")])
+def test_reducing_gap_is_off_or_at_least_one(model_dir: Path, gap: float) -> None:
+    with pytest.raises(ValueError, match="reducing_gap must be"):
+        ClipEncoder(str(model_dir), reducing_gap=gap)

@@ -33,3 +33,14 @@ def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
     cfg.write_text("index:\n  shardz: 3\n")
     with pytest.raises(ValidationError, match="shardz"):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    ("gap", "ok"), [(0, True), (1, True), (3.0, True), (0.5, False), (65, False)]
+)
+def test_reducing_gap_is_off_or_a_factor_of_at_least_one(gap: float, ok: bool) -> None:
+    if ok:
+        assert load_settings(encoder={"reducing_gap": gap}).encoder.reducing_gap == gap
+    else:
+        with pytest.raises(ValidationError, match="reducing_gap"):
+            load_settings(encoder={"reducing_gap": gap})

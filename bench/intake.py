@@ -1,0 +1,188 @@
+"""Image intake of large photos: transformers' processor vs the replica's path, side by side.
+
+For JPEGs of 1, 3 and 12 megapixels this times, per image and in this process (one core):
+
+  raw        PIL open + convert("RGB") + transformers' CLIPImageProcessor (PIL backend): what
+             a hand-rolled CLIP script does
+  exact      the replica's path with `encoder.reducing_gap: 0` (the default): the checked
+             decode (`decode_image`) and `ClipEncoder.prepare_image`, the processor's pixels
+  gap N      the same with `reducing_gap: N`: the JPEG decoded at a DCT scale and box-shrunk
+             while its short side stays >= N x 224, then the processor's resize
+
+and how far each path's pixels and embeddings are from raw's: mean and max pixel difference
+in 8-bit levels (after undoing the normalisation), and the lowest cosine of the image
+embedding to raw's, for a random-init ViT-B/32 (`CLIPConfig()`) and for the bundled demo
+model (trained, 64 px). `speed-up` = raw ms / this path's ms.
+
+Usage: PYTHONPATH=. python bench/intake.py [--images 3] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
+from bench.encoder import build_vit_b32  # noqa: E402
+from encoder_service.images import decode_image  # noqa: E402
+from encoder_service.model import ClipEncoder, resolve_model  # noqa: E402
+
+SIZES = ((1152, 864), (2048, 1536), (4032, 3024))
+GAPS = (2.0, 3.0)
+LIMIT = 1 << 28
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG: a smooth colour field, shapes with hard edges, thin lines and
+    sensor-like grain (so that the pre-shrink has detail and edges to get wrong)."""
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 255, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(30):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(width // 60, width // 8))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    for _ in range(40):
+        ends = [int(v) for v in rng.integers(0, [width, height, width, height])]
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        draw.line(ends, fill=colour, width=max(1, width // 500))
+    grain = rng.normal(0, 6, (height, width, 3))
+    pixels = np.clip(np.asarray(image, np.float32) + grain, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
+def unit_rows(features: object) -> np.ndarray:
+    tensor = features if isinstance(features, torch.Tensor) else features.pooler_output  # type: ignore[attr-defined]
+    return torch.nn.functional.normalize(tensor.float(), dim=-1).numpy()
+
+
+def processor_pixels(path: str) -> Callable[[Image.Image], torch.Tensor]:
+    """One image's pixel tensor as the checkpoint's own processor (PIL backend) makes it."""
+    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    return lambda image: processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3, help="distinct photos per size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per photo")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    processor = CLIPImageProcessorPil()
+    levels = np.asarray(processor.image_std, np.float32)[:, None, None] * 255
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vit = str(build_vit_b32(Path(tmp) / "vit-b32"))
+        models = {
+            "ViT-B/32": {gap: ClipEncoder(vit, reducing_gap=gap) for gap in (0.0, *GAPS)},
+            "demo": {gap: ClipEncoder("demo", reducing_gap=gap) for gap in (0.0, *GAPS)},
+        }
+        # Each model's own processor (the demo model's is 64 px), as transformers runs it.
+        own_pixels = [processor_pixels(path) for path in (vit, resolve_model("demo"))]
+
+        print(
+            "| photo | path | ms per image | speed-up | decoded at | pixel diff mean / max "
+            "(levels) | min cosine to raw, ViT-B/32 / demo |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for width, height in SIZES:
+            photos = [photo(width, height, seed) for seed in range(args.images)]
+
+            def raw(data: bytes) -> torch.Tensor:
+                image = Image.open(io.BytesIO(data)).convert("RGB")
+                return processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+            raw_ms = statistics.median(median_ms(partial(raw, d), args.repeats) for d in photos)
+            raw_pixels = [raw(d) for d in photos]
+            raw_vectors = {
+                name: encoders[0.0].encode_pixels(
+                    [(own(Image.open(io.BytesIO(d)).convert("RGB")),) for d in photos]
+                )
+                for (name, encoders), own in zip(models.items(), own_pixels, strict=True)
+            }
+            print(
+                f"| {width}x{height} ({len(photos[0]) // 1024} KB) | raw | {raw_ms:.1f} | 1.00× "
+                f"| {width}x{height} | 0 / 0 | 1 / 1 |"
+            )
+            for gap in (0.0, *GAPS):
+                encoder = models["ViT-B/32"][gap]
+
+                def ours(data: bytes, encoder: ClipEncoder = encoder) -> torch.Tensor:
+                    image = decode_image(
+                        data, max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side
+                    )
+                    return encoder.prepare_image(image)[0]
+
+                ms = statistics.median(median_ms(partial(ours, d), args.repeats) for d in photos)
+                decoded = decode_image(
+                    photos[0], max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side
+                ).size
+                diffs = [
+                    ((ours(d) - r).abs().numpy() * levels)
+                    for d, r in zip(photos, raw_pixels, strict=True)
+                ]
+                mean = float(np.mean([d.mean() for d in diffs]))
+                worst = float(max(d.max() for d in diffs))
+                cosines = []
+                for name, encoders in models.items():
+                    enc = encoders[gap]
+                    vectors = enc.encode_pixels(
+                        [
+                            enc.prepare_image(
+                                decode_image(
+                                    d,
+                                    max_bytes=LIMIT,
+                                    max_pixels=LIMIT,
+                                    min_side=enc.min_image_side,
+                                )
+                            )
+                            for d in photos
+                        ]
+                    )
+                    cosines.append(float(np.min(np.sum(vectors * raw_vectors[name], axis=1))))
+                label = "exact (gap 0)" if gap == 0 else f"gap {gap:g}"
+                print(
+                    f"| | {label} | {ms:.1f} | {raw_ms / ms:.2f}× | {decoded[0]}x{decoded[1]} "
+                    f"| {mean:.2f} / {worst:.0f} | {cosines[0]:.5f} / {cosines[1]:.5f} |"
+                )
+    print(
+        "\nraw = PIL open + convert + transformers CLIPImageProcessor; exact / gap N = the "
+        "replica's decode_image + prepare_image with encoder.reducing_gap N; one core, median "
+        f"of {args.repeats} runs per photo, median over {args.images} photos per size. "
+        "'decoded at' and the pixel columns are ViT-B/32's (224 px); the demo model (64 px) "
+        "shrinks further (from 2 x 64 px)."
+    )
+
+
+if __name__ == "__main__":
+    main()
