@@ -29,7 +29,7 @@ process and event loop, so its own work counts as gateway here. The gateway's he
 canary is turned off (it would put a text forward every 5 s into the measurements).
 
 Usage: PYTHONPATH=. python bench/encoder.py [--dtypes fp32,bf16,int8] [--batch 8]
-         [--threads N] [--omp-spin N] [--seconds 5] [--rounds 2] [--channel on|off]
+         [--threads N] [--omp-spin N] [--slots N] [--seconds 5] [--rounds 2] [--channel on|off]
 """
 
 from __future__ import annotations
@@ -225,9 +225,10 @@ class Served:
 
 
 def encoder_settings(
-    directory: Path, dtype: str, batch: int, threads: int, omp_spin: int
+    directory: Path, dtype: str, batch: int, threads: int, omp_spin: int, slots: int = 0
 ) -> dict[str, Any]:
     return {
+        "concurrent_batches": slots,
         "model": str(directory),
         "dtype": dtype,
         "torch_threads": threads,
@@ -360,7 +361,7 @@ async def measure(
     settings = load_settings(
         gateway={"port": 0, "health_interval_s": 3600.0},
         demo_corpus=0,
-        encoder=encoder_settings(directory, dtype, b, args.threads, args.omp_spin),
+        encoder=encoder_settings(directory, dtype, b, args.threads, args.omp_spin, args.slots),
     )
     served = await start_served(settings, args.channel == "on")
     f: dict[str, float] = {}
@@ -548,7 +549,7 @@ def in_children(args: argparse.Namespace) -> list[Row]:
             out = Path(scratch) / "row.json"
             options = [
                 f"--{name.replace('_', '-')}={getattr(args, name)}"
-                for name in ("batch", "threads", "omp_spin")
+                for name in ("batch", "threads", "omp_spin", "slots")
             ]
             options += [f"--seconds={args.seconds}", f"--rounds={args.rounds}"]
             options += [f"--channel={args.channel}"]
@@ -570,6 +571,12 @@ def main() -> None:
         help="the replica's encoder.omp_spin_count (0 = OMP_WAIT_POLICY=PASSIVE); the raw "
         "side keeps libgomp's defaults",
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=EncoderSettings().concurrent_batches,
+        help="the replica's encoder.concurrent_batches (0 = auto: 2 on a 2-core CPU)",
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
@@ -589,7 +596,10 @@ def main() -> None:
         return
     print()
     print(table(rows, args.batch))
-    print(f"replica encoder.omp_spin_count {args.omp_spin} (0 = OMP_WAIT_POLICY=PASSIVE)")
+    print(
+        f"replica encoder.omp_spin_count {args.omp_spin} (0 = OMP_WAIT_POLICY=PASSIVE), "
+        f"encoder.concurrent_batches {args.slots} (0 = auto)"
+    )
     print()
     print(split_table(rows))
 
