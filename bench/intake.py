@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -39,7 +38,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
-from bench.encoder import build_vit_b32  # noqa: E402
+from bench.encoder import build_vit_b32, raw_latency  # noqa: E402
 from encoder_service.images import decode_image  # noqa: E402
 from encoder_service.model import ClipEncoder, resolve_model  # noqa: E402
 
@@ -69,16 +68,6 @@ def photo(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1000 * statistics.median(samples)
 
 
 def unit_rows(features: object) -> np.ndarray:
@@ -122,7 +111,9 @@ def main() -> None:
                 image = Image.open(io.BytesIO(data)).convert("RGB")
                 return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
-            raw_ms = statistics.median(median_ms(partial(raw, d), args.repeats) for d in photos)
+            raw_ms = statistics.median(
+                1000 * raw_latency(partial(raw, d), args.repeats) for d in photos
+            )
             raw_pixels = [raw(d) for d in photos]
             raw_vectors = {
                 name: encoders[0.0].encode_pixels(
@@ -143,7 +134,9 @@ def main() -> None:
                     )
                     return encoder.prepare_image(image)[0]
 
-                ms = statistics.median(median_ms(partial(ours, d), args.repeats) for d in photos)
+                ms = statistics.median(
+                    1000 * raw_latency(partial(ours, d), args.repeats) for d in photos
+                )
                 decoded = decode_image(
                     photos[0], max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side
                 ).size
