@@ -154,10 +154,11 @@ def test_a_rebuild_that_ends_past_its_retraining_size_rebuilds_again(
     twice what it was trained and tuned on, and no further write may come to notice."""
     sizes: list[int] = []
     real = vector_index.build_index
-    gate = threading.Event()
+    gate, building = threading.Event(), threading.Event()
 
     def build(spec, vecs, *args, **kwargs):  # type: ignore[no-untyped-def]
         sizes.append(len(vecs))
+        building.set()
         gate.wait(30)  # the first build waits for the rest of the load
         return real(spec, vecs, *args, **kwargs)
 
@@ -165,6 +166,9 @@ def test_a_rebuild_that_ends_past_its_retraining_size_rebuilds_again(
     vecs = clustered(3000, seed=6)
     shard = Shard(0, DIM, settings("IVF32,Flat", train_min=800))
     shard.upsert(docs(vecs[:1000]))
+    # The background build must have taken its 1,000 vectors before the rest arrives (on a
+    # busy machine its thread could otherwise start after the second upsert).
+    assert building.wait(30)
     shard.upsert(docs(vecs[1000:], start=1000))  # during the first build
     gate.set()
     assert shard.wait_for_rebuilds(60)
