@@ -70,6 +70,9 @@ class ClipEncoder:
         device: `"cpu"` or `"cuda"`.
         dtype: `"fp32"`, `"bf16"`, `"fp16"` or `"int8"`.
         scales: Image resolutions embedded and averaged, the model's own first.
+        reducing_gap: 0, or how far above the largest resolution a pre-shrink stops.
+        min_image_side: The short side a large image is shrunk to at the least (and the
+            least a decoder may scale it to, `decode_image(min_side=...)`); 0: never shrunk.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class ClipEncoder:
         self.image_size = _image_size(self._model.config)
         self.scales = (self.image_size, *_check_scales(multiscale_sizes, self.image_size))
         self.reducing_gap = _check_reducing_gap(reducing_gap)
+        self.min_image_side = math.ceil(self.reducing_gap * max(self.scales))
         # The processor's own recipe without its overhead, where probes show equal output.
         self._fast_pixels = (
             for_processor(self._processor, self.scales[1:]) if self._crops_centre else None
@@ -141,18 +145,10 @@ class ClipEncoder:
         """
         if self._crops_centre:
             image = _limit_aspect(image, _MAX_ASPECT_BEFORE_CROP)
-        factor = min(image.size) // self.min_image_side if self.min_image_side else 0
-        if factor >= 2:
+        if self.min_image_side and min(image.size) >= 2 * self.min_image_side:
+            factor = min(image.size) // self.min_image_side
             image = image.reduce(factor)
         return tuple(self._pixels(image, size) for size in self.scales)
-
-    @property
-    def min_image_side(self) -> int:
-        """The short side `prepare_image` shrinks a large image to at the least, and so the
-        least a decoder may scale it to (`decode_image(min_side=...)`); 0: never shrunk."""
-        if not self.reducing_gap:
-            return 0
-        return math.ceil(self.reducing_gap * max(self.scales))
 
     def prepare_text(
         self, text: str, long_text: LongText = "truncate", stride: int = 0
