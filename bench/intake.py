@@ -25,9 +25,9 @@ import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
@@ -36,11 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
 from bench.encoder import build_vit_b32, raw_latency  # noqa: E402
 from encoder_service.images import decode_image  # noqa: E402
-from encoder_service.model import ClipEncoder, resolve_model  # noqa: E402
+from encoder_service.model import ClipEncoder, ImageInput, resolve_model  # noqa: E402
 
 SIZES = ((1152, 864), (2048, 1536), (4032, 3024))
 GAPS = (2.0, 3.0)
@@ -75,10 +74,20 @@ def unit_rows(features: object) -> np.ndarray:
     return torch.nn.functional.normalize(tensor.float(), dim=-1).numpy()
 
 
-def processor_pixels(path: str) -> Callable[[Image.Image], torch.Tensor]:
-    """One image's pixel tensor as the checkpoint's own processor (PIL backend) makes it."""
-    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    return lambda image: processor(images=[image], return_tensors="pt")["pixel_values"][0]
+def raw_pixels(processor: Any, data: bytes) -> torch.Tensor:
+    """What a hand-rolled script does: PIL open + convert, then the checkpoint's processor."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+def decoded(encoder: ClipEncoder, data: bytes) -> Image.Image:
+    """The replica's checked decode, at the scale `encoder`'s reducing_gap allows."""
+    return decode_image(data, max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side)
+
+
+def served_input(encoder: ClipEncoder, data: bytes) -> ImageInput:
+    """The replica's intake of one image: decode, then `prepare_image`."""
+    return encoder.prepare_image(decoded(encoder, data))
 
 
 def main() -> None:
@@ -87,17 +96,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per photo")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    processor = CLIPImageProcessorPil()
-    levels = np.asarray(processor.image_std, np.float32)[:, None, None] * 255
 
     with tempfile.TemporaryDirectory() as tmp:
         vit = str(build_vit_b32(Path(tmp) / "vit-b32"))
+        paths = {"ViT-B/32": vit, "demo": resolve_model("demo")}
         models = {
-            "ViT-B/32": {gap: ClipEncoder(vit, reducing_gap=gap) for gap in (0.0, *GAPS)},
-            "demo": {gap: ClipEncoder("demo", reducing_gap=gap) for gap in (0.0, *GAPS)},
+            name: {gap: ClipEncoder(path, reducing_gap=gap) for gap in (0.0, *GAPS)}
+            for name, path in paths.items()
         }
         # Each model's own processor (the demo model's is 64 px), as transformers runs it.
-        own_pixels = [processor_pixels(path) for path in (vit, resolve_model("demo"))]
+        processors = {
+            name: AutoImageProcessor.from_pretrained(path, backend="pil")
+            for name, path in paths.items()
+        }
+        std = np.asarray(processors["ViT-B/32"].image_std, np.float32)
+        levels = std[:, None, None] * 255
 
         print(
             "| photo | path | ms per image | speed-up | decoded at | pixel diff mean / max "
@@ -106,20 +119,18 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for width, height in SIZES:
             photos = [photo(width, height, seed) for seed in range(args.images)]
-
-            def raw(data: bytes) -> torch.Tensor:
-                image = Image.open(io.BytesIO(data)).convert("RGB")
-                return processor(images=[image], return_tensors="pt")["pixel_values"][0]
-
+            vit_processor = processors["ViT-B/32"]
             raw_ms = statistics.median(
-                1000 * raw_latency(partial(raw, d), args.repeats) for d in photos
+                1000 * raw_latency(partial(raw_pixels, vit_processor, d), args.repeats)
+                for d in photos
             )
-            raw_pixels = [raw(d) for d in photos]
+            reference = {
+                name: [raw_pixels(processor, d) for d in photos]
+                for name, processor in processors.items()
+            }
             raw_vectors = {
-                name: encoders[0.0].encode_pixels(
-                    [(own(Image.open(io.BytesIO(d)).convert("RGB")),) for d in photos]
-                )
-                for (name, encoders), own in zip(models.items(), own_pixels, strict=True)
+                name: models[name][0.0].encode_pixels([(p,) for p in pixels])
+                for name, pixels in reference.items()
             }
             print(
                 f"| {width}x{height} ({len(photos[0]) // 1024} KB) | raw | {raw_ms:.1f} | 1.00× "
@@ -127,45 +138,27 @@ def main() -> None:
             )
             for gap in (0.0, *GAPS):
                 encoder = models["ViT-B/32"][gap]
-
-                def ours(data: bytes, encoder: ClipEncoder = encoder) -> torch.Tensor:
-                    image = decode_image(
-                        data, max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side
-                    )
-                    return encoder.prepare_image(image)[0]
-
                 ms = statistics.median(
-                    1000 * raw_latency(partial(ours, d), args.repeats) for d in photos
+                    1000 * raw_latency(partial(served_input, encoder, d), args.repeats)
+                    for d in photos
                 )
-                decoded = decode_image(
-                    photos[0], max_bytes=LIMIT, max_pixels=LIMIT, min_side=encoder.min_image_side
-                ).size
+                served = {
+                    name: [served_input(m[gap], d) for d in photos] for name, m in models.items()
+                }
                 diffs = [
-                    ((ours(d) - r).abs().numpy() * levels)
-                    for d, r in zip(photos, raw_pixels, strict=True)
+                    (ours[0] - raw).abs().numpy() * levels
+                    for ours, raw in zip(served["ViT-B/32"], reference["ViT-B/32"], strict=True)
                 ]
                 mean = float(np.mean([d.mean() for d in diffs]))
                 worst = float(max(d.max() for d in diffs))
-                cosines = []
-                for name, encoders in models.items():
-                    enc = encoders[gap]
-                    vectors = enc.encode_pixels(
-                        [
-                            enc.prepare_image(
-                                decode_image(
-                                    d,
-                                    max_bytes=LIMIT,
-                                    max_pixels=LIMIT,
-                                    min_side=enc.min_image_side,
-                                )
-                            )
-                            for d in photos
-                        ]
-                    )
-                    cosines.append(float(np.min(np.sum(vectors * raw_vectors[name], axis=1))))
+                cosines = [
+                    float(np.min(np.sum(m[gap].encode_pixels(served[name]) * raw_vectors[name], 1)))
+                    for name, m in models.items()
+                ]
+                size = decoded(encoder, photos[0]).size
                 label = "exact (gap 0)" if gap == 0 else f"gap {gap:g}"
                 print(
-                    f"| | {label} | {ms:.1f} | {raw_ms / ms:.2f}× | {decoded[0]}x{decoded[1]} "
+                    f"| | {label} | {ms:.1f} | {raw_ms / ms:.2f}× | {size[0]}x{size[1]} "
                     f"| {mean:.2f} / {worst:.0f} | {cosines[0]:.5f} / {cosines[1]:.5f} |"
                 )
     print(
