@@ -15,6 +15,10 @@ this machine and in this run:
               served ran exactly as fast as raw (batching = thr. ratio x reach); when
               batching misses its target with a thr. ratio near 1, the reach is what limits it
   cosine      min cosine of the served vectors to raw fp32 get_*_features on the same inputs
+  slots busy  during the served throughput run (the best round's), the share of the model
+              slots' time spent in forwards (`EncoderDeployment.model_busy`): below 100 %,
+              the slots waited for work (callers' round trips through the gateway); near
+              100 % with thr. below 1, the forwards themselves ran slower than raw
 
 A second table splits the low-load p50 into its parts, all from the same low-load calls:
 the replica's own record of each call (`EncoderDeployment.phase_times`: prepare = hash +
@@ -397,12 +401,24 @@ async def measure(
         if best(f"lat_{kind}", parts["grpc_p50"], True):
             split[kind] = parts
 
+    async def loaded(kind: str, inputs: list[Any], seconds: float) -> None:
+        """Served throughput at batch B, and how busy the model slots were meanwhile (kept
+        from the round with the best throughput)."""
+        queue = "image" if kind == "img" else "text"
+        call = served.image if kind == "img" else served.text
+        before, start = await served.handle.model_busy.remote(), time.monotonic()
+        value = await served_throughput(call, inputs, seconds)
+        after, wall = await served.handle.model_busy.remote(), time.monotonic() - start
+        if best(f"srv_{kind}", value):
+            busy = after.seconds[queue] - before.seconds[queue]
+            f[f"busy_{kind}"] = busy / (wall * after.slots)
+
     try:
         for _ in range(args.rounds):
             best("raw_img", raw_throughput(lambda: raw.image_features(pixels_b), b, sec))
-            best("srv_img", await served_throughput(served.image, images, sec))
+            await loaded("img", images, sec)
             best("raw_txt", raw_throughput(lambda: raw.text_features(tokens_b), b, sec / 2))
-            best("srv_txt", await served_throughput(served.text, texts, sec / 2))
+            await loaded("txt", texts, sec / 2)
             best("raw_img_1", raw_latency(lambda: raw.image_features(pixels_1)), True)
             await low_load("img", images[:21], images[21:63])
             best("raw_txt_1", raw_latency(lambda: raw.text_features(tokens_1)), True)
@@ -474,7 +490,10 @@ def table(rows: list[Row], batch: int) -> str:
             f"{f['raw_txt_1'] * 1000:.1f} ms; served p50 image {f['lat_img'] * 1000:.1f} ms, "
             f"text {f['lat_txt'] * 1000:.1f} ms; served max_batch_size 1: "
             f"{f['srv_img_1']:.1f} img/s, {f['srv_txt_1']:.0f} texts/s; batching reach "
-            f"image {f['raw_img'] / f['srv_img_1']:.2f}×, text {f['raw_txt'] / f['srv_txt_1']:.2f}×"
+            f"image {f['raw_img'] / f['srv_img_1']:.2f}×, "
+            f"text {f['raw_txt'] / f['srv_txt_1']:.2f}×; "
+            f"model slots busy during served thr. image {f['busy_img']:.0%}, "
+            f"text {f['busy_txt']:.0%}"
         )
     return "\n".join(lines)
 

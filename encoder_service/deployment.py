@@ -38,7 +38,7 @@ from encoder_service.batching import Batcher
 from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder, ImageInput
-from encoder_service.phases import PhaseLog, PhaseTimes
+from encoder_service.phases import ModelBusy, PhaseLog, PhaseTimes
 from encoder_service.replica_stats import ReplicaCounters, StatsReporter
 from encoder_service.text import apply_template, check_template
 
@@ -237,7 +237,8 @@ class EncoderDeployment:
             encoder.batch_wait_timeout_s,
             max_concurrent=concurrent,
         )
-        self._forward_starts: dict[int, float] = {}  # model thread -> its forward's start
+        # model thread -> its forward's queue and start (time.monotonic)
+        self._forward_starts: dict[int, tuple[str, float]] = {}
         self._forward_seconds: dict[str, float] = {"text": 0.0, "image": 0.0}
         self._phases = PhaseLog(("text", "image"))
         # One replica's counters are the total: no board actor (a worker process) then.
@@ -406,9 +407,15 @@ class EncoderDeployment:
         oldest first (see encoder_service.phases)."""
         return self._phases.recent(queue)
 
-    async def forward_seconds(self) -> dict[str, float]:
-        """Seconds the model thread has spent in forwards, per queue (busy-time probe)."""
-        return dict(self._forward_seconds)
+    async def model_busy(self) -> ModelBusy:
+        """How busy the model slots have been (see `ModelBusy`): the benchmark's reading of
+        whether served throughput is lost in the forwards or in slots waiting for work."""
+        with self._active_lock:
+            seconds = dict(self._forward_seconds)
+            now = time.monotonic()
+            for queue, started in self._forward_starts.values():
+                seconds[queue] += now - started
+        return ModelBusy(len(self._model_slots), seconds)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply Serve's `user_config`: `max_batch_size` and/or `batch_wait_timeout_s`.
@@ -429,7 +436,8 @@ class EncoderDeployment:
         """Serve's periodic probe: fail when a forward hangs or a batch loop has died."""
         if self._reporter is not None:  # every replica reports, asked for stats or not
             self._reporter.start()
-        started = min(self._forward_starts.values(), default=None)
+        with self._active_lock:  # model threads add and remove entries
+            started = min((s for _, s in self._forward_starts.values()), default=None)
         if started is not None and time.monotonic() - started > FORWARD_STUCK_AFTER_S:
             raise RuntimeError(f"model forward running for over {FORWARD_STUCK_AFTER_S:.0f} s")
         if not self._batcher.alive():
@@ -481,13 +489,14 @@ class EncoderDeployment:
         with self._active_lock:
             self._active_forwards += 1
             torch.set_num_threads(max(1, self._threads // self._active_forwards))
-        started = self._forward_starts[threading.get_ident()] = time.monotonic()
+            started = time.monotonic()
+            self._forward_starts[threading.get_ident()] = (queue, started)
         ran_from = time.perf_counter()
         try:
             vectors = forward(items)
         finally:
-            del self._forward_starts[threading.get_ident()]
             with self._active_lock:
+                del self._forward_starts[threading.get_ident()]
                 self._active_forwards -= 1
                 self._forward_seconds[queue] += time.monotonic() - started
         return vectors, ran_from, time.perf_counter()

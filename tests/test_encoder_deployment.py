@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -38,7 +40,7 @@ from encoder_service.deployment import (
 )
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
-from encoder_service.phases import RECENT, PhaseLog, PhaseTimes
+from encoder_service.phases import RECENT, ModelBusy, PhaseLog, PhaseTimes
 from tests.encoder_fixtures import make_tiny_clip
 
 APP = "enc-test"
@@ -200,6 +202,32 @@ def test_reducing_gap_shrinks_what_the_replica_decodes_and_keys_its_cache(
     key_exact, _ = replicas[0]._lookup_image(data)
     key_quick, _ = replicas[2]._lookup_image(data)
     assert key_exact != key_quick  # a cache never mixes the two preprocessings
+
+
+def test_model_busy_counts_a_running_forward_up_to_now(model_dir: Path) -> None:
+    replica = EncoderDeployment.func_or_class(  # type: ignore[attr-defined]
+        EncoderSettings(model=str(model_dir), concurrent_batches=2), LIMITS
+    )
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_forward(items: list[int]) -> np.ndarray:
+        entered.set()
+        release.wait(30)
+        return np.zeros((len(items), 32), np.float32)
+
+    worker = threading.Thread(target=replica._timed, args=("image", slow_forward, [1]))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        time.sleep(0.05)
+        running = asyncio.run(replica.model_busy())
+    finally:
+        release.set()
+        worker.join(30)
+    done = asyncio.run(replica.model_busy())
+    assert running.slots == done.slots == 2
+    assert 0.05 <= running.seconds["image"] <= done.seconds["image"]
+    assert running.seconds["text"] == done.seconds["text"] == 0.0
 
 
 # --- integration -------------------------------------------------------------------------
@@ -411,6 +439,29 @@ def test_phase_times_account_for_each_embedded_item(handle: DeploymentHandle) ->
         assert times.forward_s > 0
         assert min(times.prepare_s, times.queue_s, times.return_s) >= 0
         assert times.total_s >= times.forward_s
+
+
+@integration
+def test_model_busy_adds_each_forward_to_its_queue(handle: DeploymentHandle) -> None:
+    def busy() -> ModelBusy:
+        reading: ModelBusy = handle.model_busy.remote().result(timeout_s=RESULT_TIMEOUT_S)
+        return reading
+
+    def last_forward(queue: str) -> float:
+        times = handle.phase_times.remote(queue).result(timeout_s=RESULT_TIMEOUT_S)
+        return float(times[-1].forward_s)
+
+    before = busy()
+    handle.encode_text.remote("how busy was the model").result(timeout_s=RESULT_TIMEOUT_S)
+    after_text = busy()
+    handle.encode_image.remote(png((9, 99, 199))).result(timeout_s=RESULT_TIMEOUT_S)
+    after_image = busy()
+    text_s = after_text.seconds["text"] - before.seconds["text"]
+    assert text_s == pytest.approx(last_forward("text"), abs=0.005)
+    assert after_text.seconds["image"] == before.seconds["image"]
+    image_s = after_image.seconds["image"] - after_text.seconds["image"]
+    assert image_s == pytest.approx(last_forward("image"), abs=0.005)
+    assert after_image.slots == before.slots >= 1
 
 
 def test_phase_log_keeps_the_latest_records_per_queue() -> None:
