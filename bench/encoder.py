@@ -6,7 +6,10 @@ the same `from_pretrained` path as any checkpoint. For each precision it then me
 this machine and in this run:
 
   image thr.  served EncodeImage through the gRPC gateway at concurrency 16 (one image per
-              call; decode + preprocess included) / raw get_image_features at batch B
+              call; decode + preprocess included) / raw get_image_features at batch B.
+              Served figures are steady state: a closed loop, warmed up, then 16 / mean
+              latency over a window of --seconds (see `served_throughput`); the detail
+              line also gives them counted from a cold start, as before 2026-11-29
   text thr.   the same for 16-token captions / raw get_text_features at batch B
   batching    served at max_batch_size B / served at max_batch_size 1 (both at conc. 16)
   low load    p50 of one call at a time minus the raw batch-1 forward, against the budget
@@ -15,7 +18,7 @@ this machine and in this run:
               served ran exactly as fast as raw (batching = thr. ratio x reach); when
               batching misses its target with a thr. ratio near 1, the reach is what limits it
   cosine      min cosine of the served vectors to raw fp32 get_*_features on the same inputs
-  slots busy  during the served throughput run (the best round's), the share of the model
+  slots busy  in the steady window of the best served run at batch B, the share of the model
               slots' time spent in forwards (`EncoderDeployment.model_busy`): below 100 %,
               the slots waited for work (callers' round trips through the gateway); near
               100 % with thr. below 1, the forwards themselves ran slower than raw
@@ -274,23 +277,56 @@ async def set_batch(settings: Any, batch: int) -> None:
     await asyncio.to_thread(serve.run, app, name="bench-encoder", route_prefix=None)
 
 
+@dataclass
+class Throughput:
+    """One closed-loop served run (see `served_throughput`)."""
+
+    steady: float  # calls/s in steady state: CONCURRENCY / mean latency of the window's calls
+    cold: float  # calls/s counted from the first send to the last answer, start-up included
+    window: tuple[float, float]  # the steady window, time.perf_counter()
+
+
+def warmup_for(seconds: float) -> float:
+    """The closed loop's warm-up before a steady window of `seconds`."""
+    return max(1.0, seconds / 2)
+
+
 async def served_throughput(
-    call: Callable[[Any], Awaitable[object]], inputs: list[Any], seconds: float
-) -> float:
-    """Calls per second with CONCURRENCY callers, each sending one input at a time."""
-    await asyncio.gather(*(call(inputs[i % len(inputs)]) for i in range(CONCURRENCY)))
-    done, start, deadline = 0, time.perf_counter(), time.perf_counter() + seconds
+    call: Callable[[Any], Awaitable[object]],
+    inputs: list[Any],
+    seconds: float,
+    warmup_s: float | None = None,
+) -> Throughput:
+    """CONCURRENCY callers, each sending one input at a time, without pause, for a warm-up
+    (`warmup_for(seconds)` unless given) and then `seconds`.
+
+    The steady figure is Little's law over the calls sent in that window: with N callers
+    that never pause, calls/s = N / mean latency. Counting answers in a window instead is
+    off by up to a batch (8 answers arrive together) at each end. The warm-up matters:
+    callers that start together are a burst, and a burst's first batches are small and
+    slow (the first request runs alone, the rest wait for its forward and for each other's
+    preprocessing), about 1 s of fp32 image batches here. The cold figure includes that
+    start and the ramp-down at the end, as this bench counted until 2026-11-29.
+    """
+    warmup = warmup_for(seconds) if warmup_s is None else warmup_s
+    start = time.perf_counter()
+    window = (start + warmup, start + warmup + seconds)
+    latencies: list[float] = []
+    done = 0
 
     async def worker(offset: int) -> None:
         nonlocal done
         index = offset
-        while time.perf_counter() < deadline:
+        while (sent := time.perf_counter()) < window[1]:
             await call(inputs[index % len(inputs)])
+            if sent >= window[0]:
+                latencies.append(time.perf_counter() - sent)
             index += CONCURRENCY
             done += 1
 
     await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
-    return done / (time.perf_counter() - start)
+    cold = done / (time.perf_counter() - start)
+    return Throughput(CONCURRENCY / statistics.fmean(latencies), cold, window)
 
 
 async def served_latency(
@@ -401,24 +437,32 @@ async def measure(
         if best(f"lat_{kind}", parts["grpc_p50"], True):
             split[kind] = parts
 
-    async def loaded(kind: str, inputs: list[Any], seconds: float) -> None:
-        """Served throughput at batch B, and how busy the model slots were meanwhile (kept
-        from the round with the best throughput)."""
+    async def loaded(kind: str, inputs: list[Any], seconds: float, batch: int) -> None:
+        """Served throughput (steady and cold) at `batch`; at batch B also how busy the
+        model slots were in the steady window. Each figure kept from its best round."""
         queue = "image" if kind == "img" else "text"
         call = served.image if kind == "img" else served.text
-        before, start = await served.handle.model_busy.remote(), time.monotonic()
-        value = await served_throughput(call, inputs, seconds)
-        after, wall = await served.handle.model_busy.remote(), time.monotonic() - start
-        if best(f"srv_{kind}", value):
+        warmup = warmup_for(seconds)
+        run = asyncio.ensure_future(served_throughput(call, inputs, seconds, warmup))
+        readings = []
+        if batch > 1:  # read model_busy at both ends of the steady window
+            for edge in (warmup, seconds):
+                await asyncio.sleep(edge)
+                readings.append((await served.handle.model_busy.remote(), time.monotonic()))
+        got = await run
+        suffix = "" if batch > 1 else "_1"
+        best(f"srv_{kind}_cold{suffix}", got.cold)
+        if best(f"srv_{kind}{suffix}", got.steady) and readings:
+            (before, t0), (after, t1) = readings
             busy = after.seconds[queue] - before.seconds[queue]
-            f[f"busy_{kind}"] = busy / (wall * after.slots)
+            f[f"busy_{kind}"] = busy / ((t1 - t0) * after.slots)
 
     try:
         for _ in range(args.rounds):
             best("raw_img", raw_throughput(lambda: raw.image_features(pixels_b), b, sec))
-            await loaded("img", images, sec)
+            await loaded("img", images, sec, b)
             best("raw_txt", raw_throughput(lambda: raw.text_features(tokens_b), b, sec / 2))
-            await loaded("txt", texts, sec / 2)
+            await loaded("txt", texts, sec / 2, b)
             best("raw_img_1", raw_latency(lambda: raw.image_features(pixels_1)), True)
             await low_load("img", images[:21], images[21:63])
             best("raw_txt_1", raw_latency(lambda: raw.text_features(tokens_1)), True)
@@ -437,8 +481,8 @@ async def measure(
         if served.encoder.use_channel:  # the restarted replica's channel, at once
             await served.encoder.connect()
         for _ in range(args.rounds):
-            best("srv_img_1", await served_throughput(served.image, images, sec))
-            best("srv_txt_1", await served_throughput(served.text, texts, sec / 2))
+            await loaded("img", images, sec, 1)
+            await loaded("txt", texts, sec / 2, 1)
     finally:
         await served.channel.close()
         await served.server.stop(0)
@@ -493,7 +537,11 @@ def table(rows: list[Row], batch: int) -> str:
             f"image {f['raw_img'] / f['srv_img_1']:.2f}×, "
             f"text {f['raw_txt'] / f['srv_txt_1']:.2f}×; "
             f"model slots busy during served thr. image {f['busy_img']:.0%}, "
-            f"text {f['busy_txt']:.0%}"
+            f"text {f['busy_txt']:.0%}; counted from a cold start (start-up and ramp-down "
+            f"in): thr. image {f['srv_img_cold'] / f['raw_img']:.2f}, "
+            f"text {f['srv_txt_cold'] / f['raw_txt']:.2f}, batching "
+            f"{f['srv_img_cold'] / f['srv_img_cold_1']:.2f}× / "
+            f"{f['srv_txt_cold'] / f['srv_txt_cold_1']:.2f}×"
         )
     return "\n".join(lines)
 
