@@ -181,3 +181,8 @@ class EncoderStats:
     normalized: bool = True
     batch_sizes: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     cache: Mapping[str, int] = field(default_factory=dict)
+    forward_seconds: Mapping[str, float] = field(default_factory=dict)
+    """Seconds the model slots have spent in forwards, per queue, summed over replicas:
+    its rate divided by `model_slots` is how busy the model is (1 = always computing)."""
+    model_slots: int = 0
+    """Forwards the replicas run at once, summed."""

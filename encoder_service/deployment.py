@@ -351,10 +351,13 @@ class EncoderDeployment:
             replicas=self._settings.replicas,
             batch_sizes=counters.batch_sizes,
             cache=counters.cache,
+            forward_seconds=counters.forward_seconds,
+            model_slots=counters.model_slots,
         )
 
     def _own_counters(self) -> ReplicaCounters:
-        """This replica's batch histograms and cache counters, and its channel's address."""
+        """This replica's batch histograms, cache counters and forward seconds, and its
+        channel's address."""
         cache = self._cache.counters()
         return ReplicaCounters(
             self._batcher.batch_sizes(),
@@ -366,6 +369,8 @@ class EncoderDeployment:
                 "capacity_bytes": cache.capacity_bytes,
             },
             self._channel_address(),
+            self._busy_seconds(),
+            len(self._model_slots),
         )
 
     def _open_channel(self) -> tuple[channel.EncodeChannelServer | None, Any]:
@@ -410,12 +415,16 @@ class EncoderDeployment:
     async def model_busy(self) -> ModelBusy:
         """How busy the model slots have been (see `ModelBusy`): the benchmark's reading of
         whether served throughput is lost in the forwards or in slots waiting for work."""
+        return ModelBusy(len(self._model_slots), self._busy_seconds())
+
+    def _busy_seconds(self) -> dict[str, float]:
+        """Seconds in forwards per queue, forwards still running counted up to now."""
         with self._active_lock:
             seconds = dict(self._forward_seconds)
             now = time.monotonic()
             for queue, started in self._forward_starts.values():
                 seconds[queue] += now - started
-        return ModelBusy(len(self._model_slots), seconds)
+        return seconds
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply Serve's `user_config`: `max_batch_size` and/or `batch_wait_timeout_s`.

@@ -39,17 +39,31 @@ class ReplicaCounters:
     cache: Mapping[str, int] = field(default_factory=dict)
     channel: tuple[str, str] | None = None
     """(Ray node id, socket address) of its direct channel (encoder_service.channel)."""
+    forward_seconds: Mapping[str, float] = field(default_factory=dict)
+    """Seconds its model slots have spent in forwards, per queue (see `ModelBusy`)."""
+    model_slots: int = 0
+    """Forwards it runs at once."""
 
 
 def merge(snapshots: Iterable[ReplicaCounters]) -> ReplicaCounters:
-    """Histograms summed per queue and size; cache counters (and capacities) summed."""
+    """Histograms summed per queue and size; cache counters (and capacities), forward
+    seconds and model slots summed."""
     sizes: dict[str, Counter[int]] = {}
     cache: Counter[str] = Counter()
+    forward: Counter[str] = Counter()
+    slots = 0
     for snapshot in snapshots:
         for queue, histogram in snapshot.batch_sizes.items():
             sizes.setdefault(queue, Counter()).update(histogram)
         cache.update(snapshot.cache)
-    return ReplicaCounters({q: dict(h) for q, h in sizes.items()}, dict(cache))
+        forward.update(snapshot.forward_seconds)
+        slots += snapshot.model_slots
+    return ReplicaCounters(
+        {q: dict(h) for q, h in sizes.items()},
+        dict(cache),
+        forward_seconds=dict(forward),
+        model_slots=slots,
+    )
 
 
 class StatsBoard:

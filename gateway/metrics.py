@@ -235,6 +235,9 @@ class GatewayMetrics:
         hits, misses = cache.get("hits"), cache.get("misses")
         if isinstance(hits, int) and isinstance(misses, int) and hits + misses > 0:
             self.encoder_stat.labels("cache_hit_ratio").set(hits / (hits + misses))
+        for kind, seconds in (getattr(stats, "forward_seconds", None) or {}).items():
+            if isinstance(seconds, int | float):
+                self.encoder_stat.labels(f"{kind}_forward_seconds").set(float(seconds))
         for kind, sizes in (getattr(stats, "batch_sizes", None) or {}).items():
             for size, n in sizes.items():
                 self.encoder_batches.labels(kind, str(size)).set(n)

@@ -420,6 +420,9 @@ def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_
     assert got.replicas == 1
     assert sum(got.batch_sizes["text"].values()) >= 1
     assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}
+    busy = handle.model_busy.remote().result(timeout_s=RESULT_TIMEOUT_S)
+    assert got.model_slots == busy.slots >= 1
+    assert 0 < got.forward_seconds["text"] <= busy.seconds["text"]
     # One replica's counters are the total: no stats board actor (a process) is started.
     handle.check_health.remote().result(timeout_s=RESULT_TIMEOUT_S)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]

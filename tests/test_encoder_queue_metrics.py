@@ -84,3 +84,23 @@ def test_batch_sizes_become_a_gauge_per_queue_and_size() -> None:
     get = metrics.registry.get_sample_value
     assert get("clipsearch_encoder_batches", {"queue": "text", "size": "8"}) == 2
     assert get("clipsearch_encoder", {"figure": "text_mean_batch_size"}) == (4 + 16) / 6
+
+
+def test_model_time_and_slots_become_figures() -> None:
+    metrics = GatewayMetrics()
+    stats = EncoderStats(
+        "m",
+        8,
+        "cpu",
+        "fp32",
+        77,
+        224,
+        1,
+        forward_seconds={"text": 2.5, "image": 4.0},
+        model_slots=2,
+    )
+    metrics.observe_encoder_stats(stats)
+    get = metrics.registry.get_sample_value
+    assert get("clipsearch_encoder", {"figure": "text_forward_seconds"}) == 2.5
+    assert get("clipsearch_encoder", {"figure": "image_forward_seconds"}) == 4.0
+    assert get("clipsearch_encoder", {"figure": "model_slots"}) == 2

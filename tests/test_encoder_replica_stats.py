@@ -20,11 +20,24 @@ APP = "enc-stats-test"
 RESULT_TIMEOUT_S = 60
 
 
-def test_merge_sums_histograms_and_cache_counters() -> None:
-    one = ReplicaCounters({"text": {8: 2, 1: 1}, "image": {}}, {"hits": 1, "entries": 3})
-    two = ReplicaCounters({"text": {8: 1, 3: 1}, "image": {2: 4}}, {"hits": 2, "entries": 1})
+def test_merge_sums_histograms_cache_counters_and_model_time() -> None:
+    one = ReplicaCounters(
+        {"text": {8: 2, 1: 1}, "image": {}},
+        {"hits": 1, "entries": 3},
+        forward_seconds={"text": 1.5, "image": 0.0},
+        model_slots=2,
+    )
+    two = ReplicaCounters(
+        {"text": {8: 1, 3: 1}, "image": {2: 4}},
+        {"hits": 2, "entries": 1},
+        forward_seconds={"text": 0.5, "image": 2.0},
+        model_slots=2,
+    )
     assert merge([one, two]) == ReplicaCounters(
-        {"text": {8: 3, 1: 1, 3: 1}, "image": {2: 4}}, {"hits": 3, "entries": 4}
+        {"text": {8: 3, 1: 1, 3: 1}, "image": {2: 4}},
+        {"hits": 3, "entries": 4},
+        forward_seconds={"text": 2.0, "image": 2.0},
+        model_slots=4,
     )
 
 
