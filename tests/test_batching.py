@@ -29,6 +29,21 @@ class GatedModel:
         return [f"{queue}:{item}" for item in items]
 
 
+class SlotModel:
+    """A model whose forwards each wait for their own gate (`gates[n]` for batch n)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, queue: str, items: list[Any]) -> Sequence[Any]:
+        gate = asyncio.Event()
+        self.batches.append(list(items))
+        self.gates.append(gate)
+        await gate.wait()
+        return [f"{queue}:{item}" for item in items]
+
+
 async def _until(predicate: Any) -> None:
     for _ in range(1000):
         if predicate():
@@ -199,3 +214,43 @@ async def test_a_second_slot_takes_only_a_full_batch_while_the_first_runs() -> N
     assert model.batches[1] == ("text", [1, 2, 3, 4])
     model.gate.set()
     await asyncio.gather(first, *partial)
+
+
+async def test_after_a_burst_the_free_slot_runs_the_rest_once_arrivals_stop() -> None:
+    model = SlotModel()
+    batcher = Batcher(model, ("image",), max_batch_size=4, wait_s=0.02, max_concurrent=2)
+    callers = [asyncio.ensure_future(batcher.submit("image", 0))]
+    await _until(lambda: len(model.batches) == 1)  # after a quiet spell: alone, at once
+    callers += [asyncio.ensure_future(batcher.submit("image", i)) for i in range(1, 8)]
+    await _until(lambda: len(model.batches) == 2)  # a full batch beside the lone one
+    assert model.batches[1] == [1, 2, 3, 4]
+    await asyncio.sleep(0.1)  # no arrivals for 5 x wait_s
+    assert len(model.batches) == 2  # the lone batch holds every core: no partial batch
+    model.gates[0].set()
+    # The batch of 4 still runs, and it started beside another (one core each): the last 3
+    # go now instead of waiting for a 4th that is not coming (or for the batch of 4).
+    await _until(lambda: len(model.batches) == 3)
+    assert model.batches[2] == [5, 6, 7]
+    for gate in model.gates:
+        gate.set()
+    assert await asyncio.gather(*callers) == [f"image:{i}" for i in range(8)]
+
+
+async def test_a_free_slot_waits_for_a_full_batch_while_items_keep_coming() -> None:
+    model = SlotModel()
+    batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=1.0, max_concurrent=2)
+    callers = [asyncio.ensure_future(batcher.submit("text", 0))]
+    await _until(lambda: len(model.batches) == 1)
+    callers += [asyncio.ensure_future(batcher.submit("text", i)) for i in range(1, 5)]
+    await _until(lambda: len(model.batches) == 2)
+    model.gates[0].set()  # now only [1, 2, 3, 4] runs, started beside another
+    for i in range(5, 9):  # one every 10 ms: arrivals have not stopped
+        callers.append(asyncio.ensure_future(batcher.submit("text", i)))
+        await asyncio.sleep(0.01)
+        if i < 8:
+            assert len(model.batches) == 2, model.batches
+    await _until(lambda: len(model.batches) == 3)
+    assert model.batches[2] == [5, 6, 7, 8]
+    for gate in model.gates:
+        gate.set()
+    assert await asyncio.gather(*callers) == [f"text:{i}" for i in range(9)]
