@@ -216,14 +216,28 @@ async def test_a_second_slot_takes_only_a_full_batch_while_the_first_runs() -> N
     await asyncio.gather(first, *partial)
 
 
+async def _lone_then_full(batcher: Batcher, model: SlotModel, queue: str, last: int) -> list[Any]:
+    """Item 0 first, after a quiet spell (so alone, at once), then items 1..last at once:
+    [1, 2, 3, 4] starts beside it as a full batch, the rest wait."""
+    callers = [asyncio.ensure_future(batcher.submit(queue, 0))]
+    await _until(lambda: len(model.batches) == 1)
+    callers += [asyncio.ensure_future(batcher.submit(queue, i)) for i in range(1, last + 1)]
+    await _until(lambda: len(model.batches) == 2)
+    assert model.batches[1] == [1, 2, 3, 4]
+    return callers
+
+
+async def _answered(model: SlotModel, callers: list[Any], queue: str) -> None:
+    """Open every gate; each caller gets its own item's answer."""
+    for gate in model.gates:
+        gate.set()
+    assert await asyncio.gather(*callers) == [f"{queue}:{i}" for i in range(len(callers))]
+
+
 async def test_after_a_burst_the_free_slot_runs_the_rest_once_arrivals_stop() -> None:
     model = SlotModel()
     batcher = Batcher(model, ("image",), max_batch_size=4, wait_s=0.002, max_concurrent=2)
-    callers = [asyncio.ensure_future(batcher.submit("image", 0))]
-    await _until(lambda: len(model.batches) == 1)  # after a quiet spell: alone, at once
-    callers += [asyncio.ensure_future(batcher.submit("image", i)) for i in range(1, 8)]
-    await _until(lambda: len(model.batches) == 2)  # a full batch beside the lone one
-    assert model.batches[1] == [1, 2, 3, 4]
+    callers = await _lone_then_full(batcher, model, "image", 7)
     await asyncio.sleep(0.1)  # no arrivals for 50 x wait_s
     assert len(model.batches) == 2  # the lone batch holds every core: no partial batch
     model.gates[0].set()
@@ -231,18 +245,13 @@ async def test_after_a_burst_the_free_slot_runs_the_rest_once_arrivals_stop() ->
     # go now instead of waiting for a 4th that is not coming (or for the batch of 4).
     await _until(lambda: len(model.batches) == 3)
     assert model.batches[2] == [5, 6, 7]
-    for gate in model.gates:
-        gate.set()
-    assert await asyncio.gather(*callers) == [f"image:{i}" for i in range(8)]
+    await _answered(model, callers, "image")
 
 
 async def test_a_free_slot_waits_for_a_full_batch_while_items_keep_coming() -> None:
     model = SlotModel()
     batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=0.1, max_concurrent=2)
-    callers = [asyncio.ensure_future(batcher.submit("text", 0))]
-    await _until(lambda: len(model.batches) == 1)
-    callers += [asyncio.ensure_future(batcher.submit("text", i)) for i in range(1, 5)]
-    await _until(lambda: len(model.batches) == 2)
+    callers = await _lone_then_full(batcher, model, "text", 4)
     model.gates[0].set()  # now only [1, 2, 3, 4] runs, started beside another
     for i in range(5, 9):  # one every 10 ms: arrivals have not stopped
         callers.append(asyncio.ensure_future(batcher.submit("text", i)))
@@ -251,24 +260,17 @@ async def test_a_free_slot_waits_for_a_full_batch_while_items_keep_coming() -> N
             assert len(model.batches) == 2, model.batches
     await _until(lambda: len(model.batches) == 3)
     assert model.batches[2] == [5, 6, 7, 8]
-    for gate in model.gates:
-        gate.set()
-    assert await asyncio.gather(*callers) == [f"text:{i}" for i in range(9)]
+    await _answered(model, callers, "text")
 
 
 async def test_a_freed_slot_gives_the_callers_it_answered_time_to_come_back() -> None:
     model = SlotModel()
-    batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=0.01, max_concurrent=2)
-    callers = [asyncio.ensure_future(batcher.submit("text", 0))]
-    await _until(lambda: len(model.batches) == 1)
-    callers += [asyncio.ensure_future(batcher.submit("text", i)) for i in range(1, 6)]
-    await _until(lambda: len(model.batches) == 2)  # [1, 2, 3, 4] beside the lone [0]; 5 waits
-    await asyncio.sleep(0.05)  # item 5 is old now
+    batcher = Batcher(model, ("text",), max_batch_size=4, wait_s=0.05, max_concurrent=2)
+    callers = await _lone_then_full(batcher, model, "text", 5)  # 5 waits
+    await asyncio.sleep(0.1)  # item 5 is old now
     model.gates[0].set()
     await asyncio.sleep(0.02)  # the caller answered comes back (a closed loop), and others
     callers += [asyncio.ensure_future(batcher.submit("text", i)) for i in (6, 7, 8)]
     await _until(lambda: len(model.batches) == 3)
     assert model.batches[2] == [5, 6, 7, 8]  # not [5] alone
-    for gate in model.gates:
-        gate.set()
-    assert await asyncio.gather(*callers) == [f"text:{i}" for i in range(9)]
+    await _answered(model, callers, "text")
