@@ -50,18 +50,19 @@ def merge(snapshots: Iterable[ReplicaCounters]) -> ReplicaCounters:
     seconds and model slots summed."""
     sizes: dict[str, Counter[int]] = {}
     cache: Counter[str] = Counter()
-    forward: Counter[str] = Counter()
+    forward: dict[str, float] = {}
     slots = 0
     for snapshot in snapshots:
         for queue, histogram in snapshot.batch_sizes.items():
             sizes.setdefault(queue, Counter()).update(histogram)
         cache.update(snapshot.cache)
-        forward.update(snapshot.forward_seconds)
+        for queue, seconds in snapshot.forward_seconds.items():
+            forward[queue] = forward.get(queue, 0.0) + seconds
         slots += snapshot.model_slots
     return ReplicaCounters(
         {q: dict(h) for q, h in sizes.items()},
         dict(cache),
-        forward_seconds=dict(forward),
+        forward_seconds=forward,
         model_slots=slots,
     )
 
