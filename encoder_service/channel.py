@@ -221,6 +221,7 @@ class EncodeChannelClient(asyncio.Protocol):
         self.what = what
         self.closed = False
         self.in_flight = 0  # items sent and not yet answered (for least-loaded choice)
+        self.items_total = 0  # items sent since connecting (observability, tests)
         self._transport: asyncio.Transport | None = None
         self._frames = _Frames()
         self._pending: dict[int, asyncio.Future[bytes]] = {}
@@ -240,6 +241,7 @@ class EncodeChannelClient(asyncio.Protocol):
         self._pending[request_id] = future
         self._transport.write(_message(request_id, marshal.dumps((kind, items))))
         self.in_flight += len(items)
+        self.items_total += len(items)
         try:
             body = await future
         except asyncio.CancelledError:

@@ -60,6 +60,10 @@ class ChannelPool:
     def open_channels(self) -> int:
         return sum(not c.closed for c in self._clients.values())
 
+    def items_sent(self) -> dict[str, int]:
+        """Items sent over each channel held now, by replica address (observability)."""
+        return {address: client.items_total for address, client in self._clients.items()}
+
     async def refresh(self) -> int:
         """Ask for the replicas' addresses now; keep their channels, open missing ones and
         close the idle rest. Returns the channels open."""
