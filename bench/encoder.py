@@ -19,7 +19,8 @@ this machine and in this run:
               batching misses its target with a thr. ratio near 1, the reach is what limits it
   cosine      min cosine of the served vectors to raw fp32 get_*_features on the same inputs
   slots busy  in the steady window of the best served run at batch B, the share of the model
-              slots' time spent in forwards (`EncoderDeployment.model_busy`): below 100 %,
+              slots' time spent in forwards (the replica's stats: forward_seconds, model_slots;
+              one replica, so they are its own, read live): below 100 %,
               the slots waited for work (callers' round trips through the gateway); near
               100 % with thr. below 1, the forwards themselves ran slower than raw
 
@@ -283,22 +284,16 @@ class Throughput:
 
     steady: float  # calls/s in steady state: CONCURRENCY / mean latency of the window's calls
     cold: float  # calls/s counted from the first send to the last answer, start-up included
-    window: tuple[float, float]  # the steady window, time.perf_counter()
-
-
-def warmup_for(seconds: float) -> float:
-    """The closed loop's warm-up before a steady window of `seconds`."""
-    return max(1.0, seconds / 2)
 
 
 async def served_throughput(
     call: Callable[[Any], Awaitable[object]],
     inputs: list[Any],
     seconds: float,
-    warmup_s: float | None = None,
+    warmup_s: float,
 ) -> Throughput:
-    """CONCURRENCY callers, each sending one input at a time, without pause, for a warm-up
-    (`warmup_for(seconds)` unless given) and then `seconds`.
+    """CONCURRENCY callers, each sending one input at a time, without pause, for `warmup_s`
+    and then `seconds`.
 
     The steady figure is Little's law over the calls sent in that window: with N callers
     that never pause, calls/s = N / mean latency. Counting answers in a window instead is
@@ -308,9 +303,8 @@ async def served_throughput(
     preprocessing), about 1 s of fp32 image batches here. The cold figure includes that
     start and the ramp-down at the end, as this bench counted until 2026-11-29.
     """
-    warmup = warmup_for(seconds) if warmup_s is None else warmup_s
     start = time.perf_counter()
-    window = (start + warmup, start + warmup + seconds)
+    window = (start + warmup_s, start + warmup_s + seconds)
     latencies: list[float] = []
     done = 0
 
@@ -326,7 +320,7 @@ async def served_throughput(
 
     await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
     cold = done / (time.perf_counter() - start)
-    return Throughput(CONCURRENCY / statistics.fmean(latencies), cold, window)
+    return Throughput(CONCURRENCY / statistics.fmean(latencies), cold)
 
 
 async def served_latency(
@@ -442,20 +436,20 @@ async def measure(
         model slots were in the steady window. Each figure kept from its best round."""
         queue = "image" if kind == "img" else "text"
         call = served.image if kind == "img" else served.text
-        warmup = warmup_for(seconds)
+        warmup = max(1.0, seconds / 2)  # unmeasured, so the window is steady
         run = asyncio.ensure_future(served_throughput(call, inputs, seconds, warmup))
         readings = []
-        if batch > 1:  # read model_busy at both ends of the steady window
+        if batch > 1:  # read the model's busy time at both ends of the steady window
             for edge in (warmup, seconds):
                 await asyncio.sleep(edge)
-                readings.append((await served.handle.model_busy.remote(), time.monotonic()))
+                readings.append((await served.handle.stats.remote(), time.monotonic()))
         got = await run
         suffix = "" if batch > 1 else "_1"
         best(f"srv_{kind}_cold{suffix}", got.cold)
         if best(f"srv_{kind}{suffix}", got.steady) and readings:
             (before, t0), (after, t1) = readings
-            busy = after.seconds[queue] - before.seconds[queue]
-            f[f"busy_{kind}"] = busy / ((t1 - t0) * after.slots)
+            busy = after.forward_seconds[queue] - before.forward_seconds[queue]
+            f[f"busy_{kind}"] = busy / ((t1 - t0) * after.model_slots)
 
     try:
         for _ in range(args.rounds):

@@ -38,7 +38,7 @@ from encoder_service.batching import Batcher
 from encoder_service.cache import EmbeddingCache, content_key
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder, ImageInput
-from encoder_service.phases import ModelBusy, PhaseLog, PhaseTimes
+from encoder_service.phases import PhaseLog, PhaseTimes
 from encoder_service.replica_stats import ReplicaCounters, StatsReporter
 from encoder_service.text import apply_template, check_template
 
@@ -369,8 +369,8 @@ class EncoderDeployment:
                 "capacity_bytes": cache.capacity_bytes,
             },
             self._channel_address(),
-            self._busy_seconds(),
-            len(self._model_slots),
+            forward_seconds=self._busy_seconds(),
+            model_slots=len(self._model_slots),
         )
 
     def _open_channel(self) -> tuple[channel.EncodeChannelServer | None, Any]:
@@ -412,13 +412,10 @@ class EncoderDeployment:
         oldest first (see encoder_service.phases)."""
         return self._phases.recent(queue)
 
-    async def model_busy(self) -> ModelBusy:
-        """How busy the model slots have been (see `ModelBusy`): the benchmark's reading of
-        whether served throughput is lost in the forwards or in slots waiting for work."""
-        return ModelBusy(len(self._model_slots), self._busy_seconds())
-
     def _busy_seconds(self) -> dict[str, float]:
-        """Seconds in forwards per queue, forwards still running counted up to now."""
+        """Seconds in forwards per queue, forwards still running counted up to now (in
+        `stats`: over a window, their change / (window x slots) is the share of the
+        model's capacity used; the rest the slots waited for work)."""
         with self._active_lock:
             seconds = dict(self._forward_seconds)
             now = time.monotonic()

@@ -34,17 +34,6 @@ class PhaseTimes:
         return self.prepare_s + self.queue_s + self.forward_s + self.return_s
 
 
-@dataclass(frozen=True)
-class ModelBusy:
-    """Seconds the model slots have spent in forwards since the replica started, per queue
-    (a forward still running counted up to now), and how many slots run forwards at once.
-    Over a window, (change in seconds) / (window x slots) is the share of the model's
-    capacity that was used: what is left is time the slots waited for work."""
-
-    slots: int
-    seconds: dict[str, float]
-
-
 class PhaseLog:
     """The latest `RECENT` `PhaseTimes` per queue (not thread-safe: event-loop use only)."""
 

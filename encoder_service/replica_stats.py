@@ -40,7 +40,7 @@ class ReplicaCounters:
     channel: tuple[str, str] | None = None
     """(Ray node id, socket address) of its direct channel (encoder_service.channel)."""
     forward_seconds: Mapping[str, float] = field(default_factory=dict)
-    """Seconds its model slots have spent in forwards, per queue (see `ModelBusy`)."""
+    """Seconds its model slots have spent in forwards, per queue, running ones to now."""
     model_slots: int = 0
     """Forwards it runs at once."""
 

@@ -40,7 +40,7 @@ from encoder_service.deployment import (
 )
 from encoder_service.images import decode_image
 from encoder_service.model import ClipEncoder
-from encoder_service.phases import RECENT, ModelBusy, PhaseLog, PhaseTimes
+from encoder_service.phases import RECENT, PhaseLog, PhaseTimes
 from tests.encoder_fixtures import make_tiny_clip
 
 APP = "enc-test"
@@ -204,7 +204,7 @@ def test_reducing_gap_shrinks_what_the_replica_decodes_and_keys_its_cache(
     assert key_exact != key_quick  # a cache never mixes the two preprocessings
 
 
-def test_model_busy_counts_a_running_forward_up_to_now(model_dir: Path) -> None:
+def test_stats_count_a_running_forward_up_to_now(model_dir: Path) -> None:
     replica = EncoderDeployment.func_or_class(  # type: ignore[attr-defined]
         EncoderSettings(model=str(model_dir), concurrent_batches=2), LIMITS
     )
@@ -220,14 +220,14 @@ def test_model_busy_counts_a_running_forward_up_to_now(model_dir: Path) -> None:
     try:
         assert entered.wait(30)
         time.sleep(0.05)
-        running = asyncio.run(replica.model_busy())
+        running = asyncio.run(replica.stats())
     finally:
         release.set()
         worker.join(30)
-    done = asyncio.run(replica.model_busy())
-    assert running.slots == done.slots == 2
-    assert 0.05 <= running.seconds["image"] <= done.seconds["image"]
-    assert running.seconds["text"] == done.seconds["text"] == 0.0
+    done = asyncio.run(replica.stats())
+    assert running.model_slots == done.model_slots == 2
+    assert 0.05 <= running.forward_seconds["image"] <= done.forward_seconds["image"]
+    assert running.forward_seconds["text"] == done.forward_seconds["text"] == 0.0
 
 
 # --- integration -------------------------------------------------------------------------
@@ -420,9 +420,8 @@ def test_stats_describe_model_batches_and_cache(handle: DeploymentHandle, model_
     assert got.replicas == 1
     assert sum(got.batch_sizes["text"].values()) >= 1
     assert set(got.cache) == {"hits", "misses", "entries", "bytes", "capacity_bytes"}
-    busy = handle.model_busy.remote().result(timeout_s=RESULT_TIMEOUT_S)
-    assert got.model_slots == busy.slots >= 1
-    assert 0 < got.forward_seconds["text"] <= busy.seconds["text"]
+    assert got.model_slots >= 1
+    assert got.forward_seconds["text"] > 0
     # One replica's counters are the total: no stats board actor (a process) is started.
     handle.check_health.remote().result(timeout_s=RESULT_TIMEOUT_S)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
@@ -445,9 +444,9 @@ def test_phase_times_account_for_each_embedded_item(handle: DeploymentHandle) ->
 
 
 @integration
-def test_model_busy_adds_each_forward_to_its_queue(handle: DeploymentHandle) -> None:
-    def busy() -> ModelBusy:
-        reading: ModelBusy = handle.model_busy.remote().result(timeout_s=RESULT_TIMEOUT_S)
+def test_stats_add_each_forward_to_its_queue(handle: DeploymentHandle) -> None:
+    def busy() -> EncoderStats:
+        reading: EncoderStats = handle.stats.remote().result(timeout_s=RESULT_TIMEOUT_S)
         return reading
 
     def last_forward(queue: str) -> float:
@@ -459,12 +458,12 @@ def test_model_busy_adds_each_forward_to_its_queue(handle: DeploymentHandle) -> 
     after_text = busy()
     handle.encode_image.remote(png((9, 99, 199))).result(timeout_s=RESULT_TIMEOUT_S)
     after_image = busy()
-    text_s = after_text.seconds["text"] - before.seconds["text"]
+    text_s = after_text.forward_seconds["text"] - before.forward_seconds["text"]
     assert text_s == pytest.approx(last_forward("text"), abs=0.005)
-    assert after_text.seconds["image"] == before.seconds["image"]
-    image_s = after_image.seconds["image"] - after_text.seconds["image"]
+    assert after_text.forward_seconds["image"] == before.forward_seconds["image"]
+    image_s = after_image.forward_seconds["image"] - after_text.forward_seconds["image"]
     assert image_s == pytest.approx(last_forward("image"), abs=0.005)
-    assert after_image.slots == before.slots >= 1
+    assert after_image.model_slots == before.model_slots >= 1
 
 
 def test_phase_log_keeps_the_latest_records_per_queue() -> None:
